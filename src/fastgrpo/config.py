@@ -1,0 +1,390 @@
+"""GRPOConfig: every training setting in one dataclass, validated once.
+
+Field names and defaults follow TRL's `GRPOConfig` so that a TRL script runs with only its import changed.
+Fields TRL dropped but recipes still set (`max_prompt_length`, `vllm_guided_decoding_regex`,
+`vllm_importance_sampling_cap`) are accepted. Fields that only make sense inside a Hugging Face `Trainer`
+(`dataloader_num_workers`, `logging_dir`, ...) are accepted and ignored, so a script never fails on them.
+
+Batch vocabulary (as in TRL):
+  micro-batch      = `per_device_train_batch_size` completions, one forward/backward
+  optimizer step   = `gradient_accumulation_steps` micro-batches
+  generation batch = `per_device_train_batch_size * world_size * steps_per_generation` completions
+                     = (generation batch / num_generations) prompts, each sampled `num_generations` times
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["GRPOConfig", "ConfigError", "closest_name"]
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range. The message names the field and the fix."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+VLLM_MODES = ("colocate", "server")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+STRATEGIES = ("no", "steps", "epoch")
+REPORTERS = ("trackio", "none", "jsonl")
+REWARD_ERRORS = ("raise", "zero")
+
+
+@dataclass
+class GRPOConfig:
+    """Settings of a GRPO run. See the module docstring for the batch vocabulary."""
+
+    # --- output and run ---
+    output_dir: str = _f("fastgrpo-output", "Folder for checkpoints, metrics.jsonl and the final model.")
+    overwrite_output_dir: bool = _f(False, "Accepted for TRL compatibility; checkpoints are never deleted except by save_total_limit.")
+    run_name: str | None = _f(None, "Name of the run in trackio; defaults to the output folder's name.")
+    seed: int = _f(42, "Seed for data order, sampling and initialisation; a CPU run with the same seed is reproducible.")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 derives it from num_train_epochs and the dataset size.")
+    num_train_epochs: float = _f(3.0, "Passes over the training prompts when max_steps is -1.")
+
+    # --- optimisation ---
+    learning_rate: float = _f(1e-6, "Peak AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", SCHEDULERS)
+    warmup_ratio: float = _f(0.0, "Fraction of max_steps spent warming the learning rate up from 0.")
+    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    per_device_train_batch_size: int = _f(8, "Completions per micro-batch on each device.")
+    per_device_eval_batch_size: int = _f(8, "Completions per generation call during evaluation.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing_kwargs: dict | None = _f(None, "Passed to the model's gradient_checkpointing_enable().")
+    bf16: bool | None = _f(None, "Train in bfloat16; None means yes on a GPU that supports it and no on CPU.")
+    fp16: bool = _f(False, "Not supported (GRPO's ratios are fragile in fp16); use bf16.")
+    model_init_kwargs: dict | None = _f(None, "Keyword arguments for from_pretrained when the model is given by name.")
+    trust_remote_code: bool = _f(False, "Allow model code shipped with a checkpoint.")
+    disable_dropout: bool = _f(False, "Set every dropout probability to 0 (LoRA dropout stays as configured).")
+    torch_empty_cache_steps: int | None = _f(None, "Accepted for TRL compatibility; ignored.")
+
+    # --- data ---
+    max_prompt_length: int | None = _f(512, "Prompts longer than this many tokens are cut from the left; None keeps all.")
+    shuffle_dataset: bool = _f(True, "Shuffle the prompts each epoch (deterministically from the seed).")
+    remove_unused_columns: bool = _f(False, "Accepted for TRL compatibility: every column always reaches the rewards.")
+    chat_template_kwargs: dict | None = _f(None, "Extra arguments for apply_chat_template (e.g. enable_thinking).")
+    dataloader_num_workers: int = _f(0, "Accepted for TRL compatibility; ignored (prompts are tokenized once).")
+
+    # --- generation ---
+    num_generations: int = _f(8, "Completions sampled per prompt (the group size); at least 2.")
+    num_generations_eval: int | None = _f(None, "Completions per prompt during evaluation; defaults to num_generations.")
+    max_completion_length: int = _f(512, "Maximum tokens generated per completion.")
+    generation_batch_size: int | None = _f(None, "Completions per generation round (all devices); defaults to per_device_train_batch_size * world_size * steps_per_generation.")
+    steps_per_generation: int | None = _f(None, "Micro-batches trained per generation round; defaults to gradient_accumulation_steps.")
+    temperature: float = _f(1.0, "Sampling temperature; also divides the trainer's logits.")
+    top_p: float = _f(1.0, "Nucleus sampling probability mass, in (0, 1].")
+    top_k: int | None = _f(0, "Sample among the k most likely tokens; 0 or None disables.")
+    min_p: float | None = _f(None, "Minimum token probability relative to the most likely one.")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.")
+    generation_kwargs: dict | None = _f(None, "Extra sampling arguments for the generation backend.")
+
+    # --- algorithm ---
+    beta: float = _f(0.0, "Weight of the k3 KL penalty to the reference policy; 0 loads no reference.")
+    num_iterations: int = _f(1, "Policy updates per generation batch (mu in the GRPO paper).")
+    epsilon: float = _f(0.2, "Lower clipping range of the probability ratio.")
+    epsilon_high: float | None = _f(None, "Upper clipping range (clip-higher); defaults to epsilon. For cispo, the ratio cap itself.")
+    delta: float | None = _f(None, "Two-sided clipping: cap of the unclipped ratio (None: off).")
+    importance_sampling_level: str = _f("token", "Ratio per token (GRPO) or per sequence (GSPO).", IS_LEVELS)
+    loss_type: str = _f("dapo", "Loss normalisation; see fastgrpo.loss.", LOSS_TYPES)
+    scale_rewards: str | bool = _f("group", "Divide advantages by the std of the group, of the batch, or not at all.", SCALE_REWARDS)
+    reward_weights: list[float] | None = _f(None, "One weight per reward function; defaults to all 1.")
+    mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length from the loss.")
+    top_entropy_quantile: float = _f(1.0, "Train only on tokens whose entropy is in this top fraction (1.0: all).")
+    async_generation: bool = _f(False, "One-step off-policy: generate batch k+1 while training on batch k, corrected by importance sampling.")
+
+    # --- rewards (fastgrpo additions) ---
+    reward_timeout: float | None = _f(None, "Seconds a reward function may take per call before the run stops with its name.")
+    reward_error: str = _f("raise", "On a reward function exception: 'raise' stops with its name and sample; 'zero' scores it 0 and counts it.", REWARD_ERRORS)
+
+    # --- vLLM ---
+    use_vllm: bool = _f(False, "Generate with vLLM; without vLLM or a GPU, warn once and use transformers.")
+    vllm_mode: str = _f("colocate", "'colocate': vLLM inside the trainer process; 'server': a `fastgrpo vllm-serve` server.", VLLM_MODES)
+    vllm_model_impl: str = _f("vllm", "vLLM's model implementation: 'vllm' or 'transformers'.", ("vllm", "transformers", "auto"))
+    vllm_enable_sleep_mode: bool = _f(False, "Release vLLM's memory during the training phase and wake it before generating.")
+    vllm_guided_decoding_regex: str | None = _f(None, "Constrain completions to this regular expression.")
+    vllm_structured_outputs_regex: str | None = _f(None, "TRL's newer name for vllm_guided_decoding_regex.")
+    vllm_server_base_url: str | None = _f(None, "Server URL (overrides host and port), e.g. http://10.0.0.2:8000.")
+    vllm_server_host: str = _f("0.0.0.0", "Server host when vllm_server_base_url is not set (0.0.0.0 means this machine).")
+    vllm_server_port: int = _f(8000, "Server port when vllm_server_base_url is not set.")
+    vllm_server_timeout: float = _f(240.0, "Seconds to wait for the server to become ready.")
+    vllm_server_api_key: str | None = _f(None, "API key sent to the server; defaults to the VLLM_API_KEY environment variable.")
+    vllm_group_port: int = _f(51216, "Port of the NCCL group that carries weights to the server.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "Fraction of GPU memory vLLM may use (ignored when vllm_kv_cache_memory_bytes is set).")
+    vllm_kv_cache_memory_bytes: int | str | None = _f("auto", "KV-cache size for colocated vLLM: bytes, 'auto' (sized from the batch) or None (use vllm_gpu_memory_utilization).")
+    vllm_max_model_length: int | None = _f(None, "vLLM context length; defaults to max_prompt_length + max_completion_length.")
+    vllm_tensor_parallel_size: int = _f(1, "Tensor-parallel size of the colocated vLLM engine.")
+    vllm_enable_prefix_caching: bool = _f(True, "Share the KV cache of a prompt across its num_generations completions.")
+    vllm_importance_sampling_correction: bool = _f(True, "Reweight the loss by trainer/generator probability ratios (truncated IS).")
+    vllm_importance_sampling_mode: str = _f("token_truncate", "Per token or per sequence; clip (truncate) or drop (mask) large ratios.", IS_MODES)
+    vllm_importance_sampling_cap: float | None = _f(None, "Older name of vllm_importance_sampling_clip_max.")
+    vllm_importance_sampling_clip_max: float | None = _f(2.0, "Upper bound of the importance-sampling ratio.")
+    vllm_importance_sampling_clip_min: float | None = _f(None, "Lower bound of the importance-sampling ratio (None: none).")
+
+    # --- logging ---
+    logging_steps: float = _f(10, "Log metrics every this many optimizer steps (and at the first and last).")
+    logging_first_step: bool = _f(True, "Log the first step too.")
+    logging_dir: str | None = _f(None, "Accepted for TRL compatibility; metrics go to output_dir/metrics.jsonl.")
+    report_to: str | list[str] = _f("none", "'trackio', 'none' or a list; metrics.jsonl is always written.")
+    project: str = _f("fastgrpo", "trackio project name.")
+    trackio_space_id: str | None = _f(None, "Hugging Face Space for a trackio dashboard; without network, logging stays local.")
+    log_completions: bool = _f(False, "Write a sample of prompts, completions and rewards to output_dir/completions.jsonl.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+
+    # --- checkpoints and hub ---
+    save_strategy: str = _f("steps", "When to write checkpoints.", STRATEGIES)
+    save_steps: float = _f(500, "Checkpoint every this many optimizer steps (save_strategy='steps').")
+    save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
+    save_only_model: bool = _f(False, "Leave optimizer and RNG state out of checkpoints (then they cannot resume exactly).")
+    resume_from_checkpoint: str | bool | None = _f(None, "Checkpoint to resume from; True takes the newest in output_dir.")
+    push_to_hub: bool = _f(False, "Push the final model to the Hub after training; a failed push never fails the run.")
+    hub_model_id: str | None = _f(None, "Repository for push_to_hub; defaults to the output folder's name.")
+    hub_token: str | None = _f(None, "Token for push_to_hub; defaults to the cached login.")
+    hub_private_repo: bool | None = _f(None, "Create the Hub repository as private.")
+
+    # --- evaluation ---
+    eval_strategy: str = _f("no", "When to evaluate on eval_dataset.", STRATEGIES)
+    eval_steps: float | None = _f(None, "Evaluate every this many steps; defaults to logging_steps.")
+    eval_on_start: bool = _f(False, "Evaluate before the first step.")
+
+    # --- speed (fastgrpo additions) ---
+    logprob_chunk_size: int = _f(4096, "Tokens per chunk of the log-softmax over the vocabulary; bounds logits memory.")
+    micro_batch_tokens: int | None = _f(None, "Token budget per physical forward pass; None packs per_device_train_batch_size sequences.")
+    max_consecutive_nonfinite: int = _f(3, "Skip updates with NaN/inf loss or gradient; stop (with a checkpoint) after this many in a row.")
+    torch_threads: int | None = _f(None, "CPU threads for torch; None keeps torch's default.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- conveniences ----------------------------------------------------------------------------------
+    @property
+    def epsilon_low(self) -> float:
+        return self.epsilon
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def structured_regex(self) -> str | None:
+        return self.vllm_guided_decoding_regex or self.vllm_structured_outputs_regex
+
+    @property
+    def is_clip_max(self) -> float | None:
+        return self.vllm_importance_sampling_cap if self.vllm_importance_sampling_cap is not None else self.vllm_importance_sampling_clip_max
+
+    @property
+    def reporters(self) -> list[str]:
+        r = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [x for x in r if x not in ("none", "jsonl")]
+
+    def batch_plan(self, world_size: int = 1) -> "BatchPlan":
+        return BatchPlan.from_config(self, world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "GRPOConfig":
+        check_names(values, source)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """Sizes derived from the config for one rank. All counts are completions unless named prompts."""
+
+    world_size: int
+    micro_batch: int            # completions per micro-batch
+    grad_accum: int             # micro-batches per optimizer step
+    steps_per_generation: int   # micro-batches per generation round
+    num_generations: int
+    num_iterations: int
+
+    @property
+    def completions_per_rank(self) -> int:
+        return self.micro_batch * self.steps_per_generation
+
+    @property
+    def prompts_per_rank(self) -> int:
+        return self.completions_per_rank // self.num_generations
+
+    @property
+    def prompts_per_round(self) -> int:
+        return self.prompts_per_rank * self.world_size
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        return self.steps_per_generation * self.num_iterations // self.grad_accum
+
+    @classmethod
+    def from_config(cls, c: GRPOConfig, world_size: int = 1) -> "BatchPlan":
+        per_rank = c.per_device_train_batch_size
+        spg = c.steps_per_generation or c.gradient_accumulation_steps
+        if c.generation_batch_size is not None:
+            if c.generation_batch_size % (per_rank * world_size):
+                raise ConfigError(
+                    f"generation_batch_size={c.generation_batch_size} must be a multiple of "
+                    f"per_device_train_batch_size * world_size = {per_rank * world_size}."
+                )
+            spg = c.generation_batch_size // (per_rank * world_size)
+        plan = cls(world_size, per_rank, c.gradient_accumulation_steps, spg, c.num_generations, c.num_iterations)
+        if plan.completions_per_rank % c.num_generations:
+            raise ConfigError(
+                f"Each device generates per_device_train_batch_size * steps_per_generation = "
+                f"{per_rank} * {spg} = {plan.completions_per_rank} completions per round, which is not a multiple of "
+                f"num_generations={c.num_generations}: a prompt's group must stay on one device. "
+                f"Fix: make per_device_train_batch_size * gradient_accumulation_steps a multiple of {c.num_generations}."
+            )
+        if (spg * c.num_iterations) % c.gradient_accumulation_steps:
+            raise ConfigError(
+                f"steps_per_generation * num_iterations = {spg * c.num_iterations} must be a multiple of "
+                f"gradient_accumulation_steps={c.gradient_accumulation_steps} so that each optimizer step sees whole micro-batches."
+            )
+        return plan
+
+
+# ------------------------------------------------------------------------------------------------------
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
+
+
+def closest_name(name: str, names) -> str | None:
+    match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def check_names(values: dict[str, Any], source: str = "GRPOConfig") -> None:
+    for name in values:
+        if name not in FIELD_NAMES:
+            hint = closest_name(name, FIELD_NAMES)
+            tip = f" Did you mean '{hint}'?" if hint else " See `fastgrpo train --help-fields` for the list."
+            raise ConfigError(f"{source}: unknown field '{name}'.{tip}")
+
+
+def _choice(c: GRPOConfig, name: str, allowed: tuple) -> None:
+    value = getattr(c, name)
+    if value not in allowed:
+        hint = closest_name(str(value), allowed) if isinstance(value, str) else None
+        tip = f" Did you mean '{hint}'?" if hint else ""
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.{tip}")
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+          "dict": (dict,), "list[float]": (list, tuple), "list[str]": (list, tuple)}
+
+
+def _check_types(c: GRPOConfig) -> None:
+    """Reject values of the wrong type (from YAML, the CLI or Python) naming the field and what it takes."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        kinds = [k.strip() for k in f.type.split("|")]
+        if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if "int" in kinds and "float" not in kinds and isinstance(value, float) and value.is_integer():
+            setattr(c, f.name, int(value))
+            continue
+        ok = any(isinstance(value, _TYPES[k]) and not (isinstance(value, bool) and k in ("int", "float"))
+                 for k in kinds if k in _TYPES)
+        if not ok:
+            want = " or ".join({"None": "null", "list[float]": "a list of numbers", "list[str]": "a list of strings",
+                                "int": "an integer", "float": "a number", "bool": "true/false",
+                                "str": "a string", "dict": "a mapping"}.get(k, k) for k in kinds)
+            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__}).")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be finite, got {value!r}.")
+
+
+def _validate(c: GRPOConfig) -> None:
+    _check_types(c)
+    if c.scale_rewards is True:
+        c.scale_rewards = "group"
+    elif c.scale_rewards is False:
+        c.scale_rewards = "none"
+    for name, allowed in [("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
+                          ("importance_sampling_level", IS_LEVELS), ("vllm_mode", VLLM_MODES),
+                          ("vllm_importance_sampling_mode", IS_MODES), ("lr_scheduler_type", SCHEDULERS),
+                          ("save_strategy", STRATEGIES), ("eval_strategy", STRATEGIES), ("reward_error", REWARD_ERRORS)]:
+        _choice(c, name, allowed)
+    for r in c.reporters:
+        if r not in REPORTERS:
+            raise ConfigError(f"report_to={c.report_to!r}: '{r}' is not supported; use 'trackio' or 'none'.")
+
+    def positive(name: str, strict: bool = True) -> None:
+        v = getattr(c, name)
+        if v is not None and (v <= 0 if strict else v < 0):
+            raise ConfigError(f"{name} must be {'> 0' if strict else '>= 0'}, got {v}.")
+
+    if c.num_generations < 2:
+        raise ConfigError(f"num_generations must be >= 2 (group-relative advantages need a group), got {c.num_generations}.")
+    if c.num_generations_eval is not None and c.num_generations_eval < 1:
+        raise ConfigError(f"num_generations_eval must be >= 1, got {c.num_generations_eval}.")
+    for name in ("max_completion_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "num_iterations", "epsilon", "temperature", "logprob_chunk_size",
+                 "vllm_server_timeout", "vllm_tensor_parallel_size", "max_consecutive_nonfinite"):
+        positive(name)
+    for name in ("learning_rate", "weight_decay", "beta", "max_grad_norm", "warmup_steps", "num_train_epochs",
+                 "adam_epsilon", "repetition_penalty"):
+        positive(name, strict=False)
+    for name in ("max_prompt_length", "steps_per_generation", "generation_batch_size", "epsilon_high", "delta",
+                 "reward_timeout", "save_total_limit", "micro_batch_tokens", "torch_threads", "min_p",
+                 "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_max"):
+        positive(name)
+    if c.repetition_penalty == 0:
+        raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
+    if not 0 < c.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {c.top_p}.")
+    if c.top_k is not None and c.top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 disables it), got {c.top_k}.")
+    if not 0 < c.top_entropy_quantile <= 1:
+        raise ConfigError(f"top_entropy_quantile must be in (0, 1], got {c.top_entropy_quantile}.")
+    if not 0 <= c.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}.")
+    if not 0 < c.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {c.vllm_gpu_memory_utilization}.")
+    if not (isinstance(c.vllm_kv_cache_memory_bytes, int) and c.vllm_kv_cache_memory_bytes > 0) and c.vllm_kv_cache_memory_bytes not in (None, "auto"):
+        raise ConfigError(f"vllm_kv_cache_memory_bytes must be a positive integer, 'auto' or None, got {c.vllm_kv_cache_memory_bytes!r}.")
+    if c.max_steps == 0 or c.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (derive from num_train_epochs) or > 0, got {c.max_steps}.")
+    if c.max_steps == -1 and c.num_train_epochs <= 0:
+        raise ConfigError("num_train_epochs must be > 0 when max_steps is -1.")
+    if c.save_strategy == "steps" and c.save_steps <= 0:
+        raise ConfigError(f"save_steps must be > 0 with save_strategy='steps', got {c.save_steps}.")
+    if c.logging_steps <= 0:
+        raise ConfigError(f"logging_steps must be > 0, got {c.logging_steps}.")
+    if c.eval_steps is not None and c.eval_steps <= 0:
+        raise ConfigError(f"eval_steps must be > 0, got {c.eval_steps}.")
+    if c.fp16:
+        raise ConfigError("fp16=True is not supported: GRPO's probability ratios lose precision in fp16. Use bf16=True.")
+    if c.reward_weights is not None:
+        if not isinstance(c.reward_weights, (list, tuple)) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in c.reward_weights
+        ):
+            raise ConfigError(f"reward_weights must be a list of finite numbers, got {c.reward_weights!r}.")
+        c.reward_weights = [float(w) for w in c.reward_weights]
+    if c.loss_type == "cispo" and c.epsilon_high is None:
+        raise ConfigError("loss_type='cispo' caps the ratio at epsilon_high, which is unset. Fix: set epsilon_high (e.g. 5.0).")
+    if c.vllm_server_port is not None and not 0 < c.vllm_server_port < 65536:
+        raise ConfigError(f"vllm_server_port must be in 1..65535, got {c.vllm_server_port}.")
+    BatchPlan.from_config(c)  # divisibility checks for one rank; ranks are checked again at start

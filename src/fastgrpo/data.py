@@ -1,0 +1,162 @@
+"""Prompts: validated, chat-templated and tokenized once, then served in deterministic rounds.
+
+- A prompt is either plain text or a conversation (a list of {"role", "content"} messages); conversations get
+  the tokenizer's chat template with the generation prompt, once, at start.
+- Every other column (e.g. `solution`) travels with the prompt and reaches the reward functions as a keyword list.
+- Prompts longer than `max_prompt_length` tokens are cut from the left (the question's end and the generation
+  prompt survive); one warning counts them.
+- Order: a permutation per epoch drawn from (seed, epoch); the position (epoch, offset) is all the state a
+  checkpoint needs to resume the exact stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("fastgrpo")
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class DataError(ValueError):
+    """The dataset or one of its prompts cannot be used; the message names the row and the fix."""
+
+
+@dataclass(slots=True)
+class Prompt:
+    index: int                 # row in the dataset
+    prompt: Any                # original prompt: str or list of messages (what reward functions receive)
+    ids: list[int]             # tokenized prompt, chat template applied, left-truncated
+    columns: dict[str, Any]    # every other column of the row
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict)
+
+
+def _check_messages(messages: list, row: int) -> None:
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"row {row}: message {j} must be a dict with 'role' and 'content', got {m!r}.")
+        if m["role"] not in ROLES:
+            raise DataError(f"row {row}: message {j} has unknown role {m['role']!r}; expected one of {ROLES}.")
+        if not isinstance(m["content"], str):
+            raise DataError(f"row {row}: message {j} content must be a string, got {type(m['content']).__name__}.")
+
+
+def load_dataset_spec(path: str, split: str = "train", name: str | None = None, **kw):
+    """A dataset from a local file/folder (json, jsonl, csv, parquet) or a hub id, through `datasets`."""
+    import os
+
+    import datasets
+
+    if os.path.exists(path):
+        if os.path.isdir(path):
+            try:
+                return datasets.load_from_disk(path)[split] if os.path.exists(os.path.join(path, "dataset_dict.json")) \
+                    else datasets.load_from_disk(path)
+            except FileNotFoundError:
+                return datasets.load_dataset(path, name, split=split, **kw)
+        ext = path.rsplit(".", 1)[-1].lower()
+        kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
+        if kind is None:
+            raise DataError(f"dataset file {path!r}: unsupported extension .{ext}; use jsonl, json, csv or parquet.")
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    return datasets.load_dataset(path, name, split=split, **kw)
+
+
+def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_column: str = "prompt",
+                    chat_template_kwargs: dict | None = None, what: str = "train_dataset") -> list[Prompt]:
+    """Validate and tokenize every prompt of `dataset` (a `datasets.Dataset` or a list of dicts)."""
+    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0].keys()) if len(dataset) else []
+    if len(dataset) == 0:
+        raise DataError(f"{what} is empty.")
+    if prompt_column not in columns:
+        raise DataError(
+            f"{what} has no '{prompt_column}' column (columns: {columns}). GRPO needs one prompt per row: add it, e.g. "
+            f"dataset.map(lambda x: {{'prompt': [{{'role': 'user', 'content': x['problem']}}]}}), "
+            f"or name your column with prompt_column."
+        )
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    texts: list[str] = []
+    originals = []
+    for i, row in enumerate(rows):
+        p = row[prompt_column]
+        if is_conversational(p):
+            _check_messages(p, i)
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise DataError(
+                    f"{what} holds conversational prompts but the tokenizer has no chat template. Fix: set "
+                    "tokenizer.chat_template, or give plain-text prompts."
+                )
+            text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
+                                                 **(chat_template_kwargs or {}))
+        elif isinstance(p, str):
+            text = p
+        else:
+            raise DataError(f"{what} row {i}: prompt must be a string or a list of messages, got {type(p).__name__}.")
+        if not text.strip():
+            raise DataError(f"{what} row {i}: the prompt is empty.")
+        texts.append(text)
+        originals.append(p)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = 0
+    prompts = []
+    for i, (row, p, t) in enumerate(zip(rows, originals, ids)):
+        if not t:
+            raise DataError(f"{what} row {i}: the prompt tokenizes to nothing.")
+        if max_prompt_length is not None and len(t) > max_prompt_length:
+            t = t[-max_prompt_length:]
+            cut += 1
+        prompts.append(Prompt(i, p, list(t), {k: v for k, v in row.items() if k != prompt_column}))
+    if cut:
+        log.warning("%d of %d prompts in %s are longer than max_prompt_length=%d tokens and were cut from the left.",
+                    cut, len(prompts), what, max_prompt_length)
+    return prompts
+
+
+@dataclass(slots=True)
+class StreamState:
+    epoch: int = 0
+    offset: int = 0     # prompts already served in this epoch
+
+
+class PromptStream:
+    """Endless, deterministic stream of prompt rounds; `state` resumes it exactly."""
+
+    def __init__(self, prompts: Sequence[Prompt], seed: int, shuffle: bool = True) -> None:
+        self.prompts = prompts
+        self.seed = seed
+        self.shuffle = shuffle
+        self.state = StreamState()
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.prompts)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def next_round(self, count: int) -> list[Prompt]:
+        """The next `count` prompts (crossing into the next epoch when this one runs out)."""
+        out: list[Prompt] = []
+        while len(out) < count:
+            order = self._order(self.state.epoch)
+            take = order[self.state.offset:self.state.offset + count - len(out)]
+            out.extend(self.prompts[i] for i in take)
+            self.state.offset += len(take)
+            if self.state.offset >= len(order):
+                self.state = StreamState(self.state.epoch + 1, 0)
+        return out
+
+    @property
+    def epoch_float(self) -> float:
+        return self.state.epoch + self.state.offset / max(len(self.prompts), 1)
+
+
+def rounds_for_epochs(num_prompts: int, epochs: float, prompts_per_round: int) -> int:
+    return max(1, math.ceil(num_prompts * epochs / prompts_per_round))

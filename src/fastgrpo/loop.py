@@ -1,0 +1,288 @@
+"""The GRPO training loop, top to bottom.
+
+Each round: take P prompts, sample G completions each, score them, turn rewards into group-relative advantages,
+then take `optimizer_steps_per_round` AdamW steps over the round's P*G completions (num_iterations passes
+over it), pushing the new weights to the generator after every step.
+
+Algorithm choices (TRL-compatible defaults): loss_type "dapo" (token-level mean over the generation batch),
+no KL (beta 0), ratio clipping with epsilon 0.2, truncated importance sampling between trainer and vLLM.
+With `async_generation`, round k+1 is generated (by weights one step old) while round k trains; the importance
+ratio against the generator's logprobs corrects for that staleness, which never exceeds one round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import batch as B
+from .checkpoint import TrainerState
+from .distributed import Dist, all_reduce_sum, average_gradients
+from .loss import LossParams
+from .metrics import MetricsSink, Timer
+from .rollout import Generation, Generator, SamplingParams
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (signal, repeated non-finite updates, dead server) after saving a checkpoint."""
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built by GRPOTrainer; nothing global."""
+
+    config: Any
+    plan: Any
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: Generator
+    stream: Any
+    reward_funcs: list
+    reward_weights: torch.Tensor
+    sampling: SamplingParams
+    loss_params: LossParams
+    state: TrainerState
+    sink: MetricsSink
+    dist: Dist
+    device: torch.device
+    pad_id: int
+    autocast: Callable
+    save: Callable[[], str]
+    evaluate: Callable[[], dict] | None = None
+    stop_signal: list = field(default_factory=list)
+    stream_mark: Any = None
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _generate(run: Run, prompts) -> tuple[Generation, float]:
+    t = time.perf_counter()
+    run.generator.wake()
+    gen = run.generator.generate([p.ids for p in prompts], run.sampling)
+    if not run.config.async_generation:
+        run.generator.sleep()
+    return gen, time.perf_counter() - t
+
+
+def _reference_context(run: Run):
+    if run.ref_model is not None:
+        return run.ref_model, contextlib.nullcontext()
+    return run.model, run.model.disable_adapter()
+
+
+def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
+    cfg, plan = run.config, run.plan
+    with timer("reward_time"):
+        r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state)
+    all_idx = list(range(len(r)))
+    lengths = [len(c) for c in r.completion_ids]
+    passes = B.plan_passes(all_idx, plan.micro_batch, cfg.micro_batch_tokens, lengths)
+    with timer("logprob_time"):
+        if plan.steps_per_generation * plan.num_iterations > plan.grad_accum:
+            r.old_logprobs = B.precompute_logprobs(run.model, r, passes, cfg, run.pad_id, run.device, run.autocast, False)
+        if cfg.beta != 0.0:
+            target, ctx = _reference_context(run)
+            with ctx:
+                r.ref_logprobs = B.precompute_logprobs(target, r, passes, cfg, run.pad_id, run.device, run.autocast, True)
+    return r
+
+
+def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, bool]:
+    """Average gradients over ranks, clip, step; skip the update if anything is non-finite."""
+    average_gradients(run.trainable, run.dist)
+    max_norm = run.config.max_grad_norm or math.inf
+    norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
+    ok = torch.isfinite(norm) and torch.isfinite(sums["loss"])
+    ok = bool(all_reduce_sum(ok.float().reshape(1), run.dist).item() == run.dist.world_size)
+    if ok:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(norm), ok
+
+
+def _step_metrics(run: Run, sums: dict[str, torch.Tensor], grad_norm: float) -> dict[str, float]:
+    keys = sorted(sums)
+    vec = all_reduce_sum(torch.stack([sums[k].float().cpu() for k in keys if not k.endswith(("_min", "_max"))]), run.dist)
+    tot = dict(zip([k for k in keys if not k.endswith(("_min", "_max"))], vec.tolist()))
+    tokens = max(tot["tokens"], 1.0)
+    m = {"loss": tot["loss"] / run.dist.world_size, "grad_norm": grad_norm,
+         "learning_rate": run.scheduler.get_last_lr()[0], "entropy": tot["entropy"] / tokens,
+         "clip_ratio/low_mean": tot["clip_low"] / tokens, "clip_ratio/high_mean": tot["clip_high"] / tokens,
+         "clip_ratio/region_mean": tot["clip_region"] / tokens}
+    m["clip_ratio"] = m["clip_ratio/region_mean"]
+    if "kl" in tot:
+        m["kl"] = tot["kl"] / tokens
+    if "is_count" in tot:
+        c = max(tot["is_count"], 1.0)
+        m.update({"sampling/importance_sampling_ratio/mean": tot["is_sum"] / c,
+                  "sampling/importance_sampling_ratio/min": float(sums["is_min"]),
+                  "sampling/importance_sampling_ratio/max": float(sums["is_max"]),
+                  "sampling/sampling_logp_difference/mean": tot["logp_diff_sum"] / c,
+                  "sampling/sampling_logp_difference/max": float(sums["logp_diff_max"])})
+    return m
+
+
+def _accumulate(sums: dict, s: dict) -> None:
+    for k, v in s.items():
+        if k.endswith("_min"):
+            sums[k] = torch.minimum(sums[k], v) if k in sums else v
+        elif k.endswith("_max"):
+            sums[k] = torch.maximum(sums[k], v) if k in sums else v
+        else:
+            sums[k] = sums[k] + v if k in sums else v
+
+
+def train_loop(run: Run) -> dict[str, float]:
+    cfg, plan, state = run.config, run.plan, run.state
+    n_completions = plan.completions_per_rank
+    step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
+    pending: Future | None = None
+    loss_total, steps_done, t_start = 0.0, 0, time.perf_counter()
+    _install_signal_handlers(run)
+    try:
+        while state.global_step < state.max_steps and not run.stop_signal:
+            timer = Timer()
+            t_prev = time.perf_counter()
+            if pending is None:                               # synchronous, or the very first async round
+                prompts = _next_prompts(run)
+                gen, gen_time = _generate(run, prompts)
+            else:
+                prompts, (gen, gen_time) = pending.result()   # sampled while the previous round trained
+            run.stream_mark = copy.copy(run.stream.state)     # a checkpoint resumes from here
+            if pool is not None and state.global_step + plan.optimizer_steps_per_round < state.max_steps:
+                nxt = _next_prompts(run)                      # round k+1, sampled with round k's weights
+                pending = pool.submit(lambda p=nxt: (p, _generate(run, p)))
+            else:
+                pending = None
+            r = _prepare(run, prompts, gen, timer)
+            round_metrics = B.rollout_metrics(r, [f.name for f in run.reward_funcs], run.dist)
+            round_tokens = int(all_reduce_sum(torch.tensor(float(sum(len(c) for c in r.completion_ids))), run.dist))
+            state.total_tokens += round_tokens
+            lengths = [len(c) for c in r.completion_ids]
+            save_due = False
+            for _ in range(plan.num_iterations):
+                for start in range(0, n_completions, step_group):
+                    if state.global_step >= state.max_steps:
+                        break
+                    sums: dict[str, torch.Tensor] = {}
+                    order = list(range(start, min(start + step_group, n_completions)))
+                    with timer("train_time"):
+                        for idx in B.plan_passes(order, plan.micro_batch, cfg.micro_batch_tokens, lengths):
+                            _accumulate(sums, B.train_pass(run.model, r, idx, cfg, run.loss_params, run.pad_id,
+                                                           run.device, run.autocast))
+                        grad_norm, ok = _optimizer_step(run, sums)
+                    state.global_step += 1
+                    state.epoch = run.stream.epoch_float
+                    _check_finite(run, ok, sums)
+                    if run.generator.owns_weights and pool is None:
+                        with timer("sync_time"):
+                            run.generator.update_weights(run.model)
+                    now = time.perf_counter()
+                    m = {**round_metrics, **_step_metrics(run, sums, grad_norm), **timer.pop(),
+                         "generation_time": gen_time, "epoch": state.epoch, "num_tokens": state.total_tokens,
+                         **run.generator.stats(), "step_time": now - t_prev,
+                         "tokens_per_second": round_tokens / max(now - t_prev, 1e-9)}
+                    t_prev, gen_time = now, 0.0
+                    loss_total += m["loss"]
+                    steps_done += 1
+                    save_due |= _log(run, m)
+            if pending is not None:                           # wait for round k+1, then give it the new weights
+                pending = _done_future(pending.result())
+                run.generator.update_weights(run.model)
+            if save_due or run.stop_signal:
+                path = run.save()
+            if run.stop_signal:
+                raise TrainingStopped(f"stopped by {run.stop_signal[0]} at step {state.global_step}; checkpoint saved "
+                                      f"to {path}. Resume with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        _restore_signal_handlers(run)
+    runtime = time.perf_counter() - t_start
+    return {"train_runtime": runtime, "train_loss": loss_total / max(steps_done, 1),
+            "train_steps_per_second": steps_done / max(runtime, 1e-9), "total_flos": 0.0}
+
+
+def _next_prompts(run: Run):
+    prompts = run.stream.next_round(run.plan.prompts_per_round)
+    r, k = run.dist.rank, run.plan.prompts_per_rank
+    return prompts[r * k:(r + 1) * k]
+
+
+def _done_future(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _check_finite(run: Run, ok: bool, sums: dict) -> None:
+    st = run.state
+    if ok:
+        st.consecutive_nonfinite = 0
+        return
+    st.skipped_updates += 1
+    st.consecutive_nonfinite += 1
+    import warnings
+
+    warnings.warn(f"step {st.global_step}: non-finite loss or gradient (loss={float(sums['loss']):.4g}); update skipped "
+                  f"({st.consecutive_nonfinite} in a row).")
+    if st.consecutive_nonfinite >= run.config.max_consecutive_nonfinite:
+        path = run.save()
+        raise TrainingStopped(f"{st.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient "
+                              f"(last loss {float(sums['loss']):.4g}). Checkpoint saved to {path}. Lower the learning "
+                              "rate, check reward functions for extreme values, or enable bf16/fp32 consistently.")
+
+
+def _log(run: Run, m: dict) -> bool:
+    """Write the step's metrics; returns whether a checkpoint is due (saved at the end of the round, where
+    resuming is exact)."""
+    cfg, st = run.config, run.state
+    step = st.global_step
+    run.sink.write(step, m)
+    run.sink.advance()
+    if (cfg.logging_first_step and step == 1) or step % max(int(cfg.logging_steps), 1) == 0 or step == st.max_steps:
+        entry = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}, "step": step}
+        st.log_history.append(entry)
+        run.sink.report(step, m)
+    if run.evaluate is not None and cfg.eval_strategy == "steps" and step % int(cfg.eval_steps or cfg.logging_steps) == 0:
+        st.log_history.append({**run.evaluate(), "step": step})
+    return cfg.save_strategy == "steps" and step % int(cfg.save_steps) == 0
+
+
+def _install_signal_handlers(run: Run) -> None:
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    run._old_handlers = {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if run.stop_signal:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        run.stop_signal.append(name)
+        print(f"\n[fastgrpo] {name} received: finishing this step, then saving a checkpoint (send again to abort).",
+              flush=True)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        run._old_handlers[s] = signal.signal(s, handler)
+
+
+def _restore_signal_handlers(run: Run) -> None:
+    for s, h in getattr(run, "_old_handlers", {}).items():
+        signal.signal(s, h)

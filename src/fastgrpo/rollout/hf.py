@@ -1,0 +1,103 @@
+"""Generation with transformers' `generate`: the CPU backend, and the fallback when vLLM or a GPU is missing.
+
+In the synchronous loop it samples from the trainer's own model object (no copy, nothing to sync) and returns no
+logprobs: they would equal the trainer's. With `own_copy=True` (one-step off-policy mode) it samples from a
+private copy, refreshed by `update_weights`, and returns the copy's logprobs of the sampled tokens, which the
+importance-sampling correction needs because the trainer has moved on by then.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from .base import Generation, Generator, SamplingParams
+
+
+class HFGenerator(Generator):
+    def __init__(self, model: torch.nn.Module, eos_ids: list[int], pad_id: int, batch_size: int = 256,
+                 own_copy: bool = False, dtype: torch.dtype | None = None) -> None:
+        self.owns_weights = own_copy
+        self.model = copy.deepcopy(model).eval() if own_copy else model
+        if own_copy:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self._stats: dict[str, float] = {}
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out_ids, reasons = [], []
+        per_call = max(1, self.batch_size // params.n)
+        try:
+            for s in range(0, len(prompt_ids), per_call):
+                chunk = prompt_ids[s:s + per_call]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                att = torch.zeros_like(ids)
+                for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                    ids[i, width - len(p):] = torch.tensor(p)
+                    att[i, width - len(p):] = 1
+                kwargs = dict(max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+                              eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                              repetition_penalty=params.repetition_penalty, **params.extra)
+                if params.temperature > 0:
+                    kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                                  top_k=params.top_k or None, min_p=params.min_p or None)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    seqs = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
+                for row in seqs[:, width:].tolist():
+                    ids_, reason = _cut(row, self.eos_ids, self.pad_id)
+                    out_ids.append(ids_)
+                    reasons.append(reason)
+            logprobs = self._logprobs(prompt_ids, out_ids, params) if self.owns_weights else None
+        finally:
+            model.train(was_training)
+        return Generation(out_ids, logprobs, reasons)
+
+    def _logprobs(self, prompt_ids, completions, params: SamplingParams) -> list[list[float]]:
+        from ..logprobs import Rows, completion_logprobs
+
+        prompts = [p for p in prompt_ids for _ in range(params.n)]
+        device = next(self.model.parameters()).device
+        out = []
+        for s in range(0, len(prompts), self.batch_size):
+            rows = Rows.build(prompts[s:s + self.batch_size], completions[s:s + self.batch_size], self.pad_id, device)
+            lp, _ = completion_logprobs(self.model, rows, max(params.temperature, 1e-6))
+            lengths = [len(c) for c in completions[s:s + self.batch_size]]
+            out.extend(x.tolist() for x in torch.split(lp.cpu(), lengths))
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module) -> None:
+        if not self.owns_weights:
+            return
+        t = time.perf_counter()
+        src = getattr(model, "module", model)
+        for dst_p, src_p in zip(self.model.parameters(), src.parameters()):
+            dst_p.copy_(src_p)
+        self._stats["weight_sync_time"] = time.perf_counter() - t
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+
+def _cut(row: list[int], eos_ids: list[int], pad_id: int) -> tuple[list[int], str]:
+    """Completion up to and including the first EOS; 'length' if none was sampled."""
+    for i, t in enumerate(row):
+        if t in eos_ids:
+            return row[:i + 1], "stop"
+    while row and row[-1] == pad_id and pad_id not in eos_ids:
+        row = row[:-1]
+    return row, "length"

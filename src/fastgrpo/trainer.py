@@ -1,0 +1,338 @@
+"""GRPOTrainer: TRL's public surface over fastgrpo's own loop (`loop.train_loop`).
+
+Construction validates everything that can be checked before a model is loaded (config, reward functions,
+dataset columns and prompts), then loads the tokenizer and the model, wraps it with LoRA when given a
+peft_config, and picks a generation backend. `train()` builds the optimizer, scheduler and metrics sink, resumes
+from a checkpoint when asked, and hands a `Run` to the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, GRPOConfig
+from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs
+from .distributed import init_distributed
+from .loop import Run, TrainingStopped, train_loop
+from .loss import LossParams
+from .metrics import MetricsSink
+from .optim import make_optimizer, make_scheduler
+from .rewards import RewardError, resolve_reward, score
+from .rollout import SamplingParams, make_generator
+
+log = logging.getLogger("fastgrpo")
+
+
+class TrainOutput(dict):
+    """TRL returns a TrainOutput(global_step, training_loss, metrics); this dict offers both styles."""
+
+    @property
+    def global_step(self) -> int:
+        return self["global_step"]
+
+    @property
+    def training_loss(self) -> float:
+        return self["train_loss"]
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self)
+
+
+class GRPOTrainer:
+    def __init__(self, model: Any, reward_funcs: Any, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), peft_config=None, **unused: Any) -> None:
+        if unused:
+            raise ConfigError(f"GRPOTrainer got unexpected arguments {sorted(unused)}.")
+        if args is None:
+            args = GRPOConfig()
+        if not isinstance(args, GRPOConfig):
+            raise ConfigError(f"args must be a fastgrpo.GRPOConfig, got {type(args).__name__}. If you built a "
+                              "trl.GRPOConfig, build fastgrpo.GRPOConfig with the same fields.")
+        if callbacks:
+            warnings.warn("callbacks are not supported by fastgrpo and are ignored; read trainer.state.log_history "
+                          "or output_dir/metrics.jsonl instead.")
+        self.args = args
+        self.dist = init_distributed()
+        self.plan = args.batch_plan(self.dist.world_size)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        torch.manual_seed(args.seed)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        self.bf16 = args.bf16 if args.bf16 is not None else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+        funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise RewardError("reward_funcs is empty: give at least one reward function.")
+        self.reward_funcs = [resolve_reward(f, self.device) for f in funcs]
+        weights = args.reward_weights or [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions.")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if train_dataset is None:
+            raise DataError("train_dataset is required.")
+
+        self.model_path = model if isinstance(model, str) else None
+        self.processing_class = processing_class or _load_tokenizer(model)
+        tok = self.processing_class
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.train_prompts = prepare_prompts(train_dataset, tok, args.max_prompt_length,
+                                             chat_template_kwargs=args.chat_template_kwargs)
+        self.eval_prompts = (prepare_prompts(eval_dataset, tok, args.max_prompt_length, what="eval_dataset",
+                                             chat_template_kwargs=args.chat_template_kwargs)
+                             if eval_dataset is not None else None)
+        self.model = _load_model(model, args, self.bf16)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if hasattr(self.model, "peft_config"):
+                raise ConfigError("the model is already a PeftModel; pass peft_config=None.")
+            self.model = get_peft_model(self.model, peft_config)
+        if args.disable_dropout:
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        self.model.to(self.device)
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            if hasattr(self.model, "enable_input_require_grads"):
+                self.model.enable_input_require_grads()
+        self.model.train()
+        self.is_peft = hasattr(self.model, "peft_config")
+        self.ref_model = None
+        if args.beta != 0.0 and not self.is_peft:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.eos_ids = _eos_ids(tok, self.model)
+        self.state = ckpt.TrainerState(model_signature=ckpt.model_signature(self.model))
+        self._generator = None
+
+    # ------------------------------------------------------------------------------------------- public API
+    def train(self, resume_from_checkpoint: str | bool | None = None, **unused) -> TrainOutput:
+        args = self.args
+        resume = ckpt.resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
+                                     else args.resume_from_checkpoint, args.output_dir)
+        total = args.max_steps if args.max_steps > 0 else (
+            rounds_for_epochs(len(self.train_prompts), args.num_train_epochs, self.plan.prompts_per_round)
+            * self.plan.optimizer_steps_per_round)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, args)
+        scheduler = make_scheduler(optimizer, args, total)
+        stream = PromptStream(self.train_prompts, args.seed, args.shuffle_dataset)
+        if resume:
+            self.state = ckpt.load_checkpoint(resume, self.model, optimizer, scheduler)
+            stream.state.epoch, stream.state.offset = self.state.stream_epoch, self.state.stream_offset
+            log.info("resumed from %s at step %d", resume, self.state.global_step)
+        self.state.max_steps = total
+        generator = self._get_generator()
+        if generator.owns_weights:
+            generator.update_weights(self.model)
+        sink = MetricsSink(args.output_dir, args.reporters, args.project, args.run_name, args.trackio_space_id,
+                           args.to_dict(), total, self.state.global_step, not args.disable_tqdm, self.dist.is_main)
+        run = Run(config=args, plan=self.plan, model=self.model, ref_model=self.ref_model, tokenizer=self.processing_class,
+                  optimizer=optimizer, scheduler=scheduler, generator=generator, stream=stream,
+                  reward_funcs=self.reward_funcs, reward_weights=self.reward_weights, sampling=self._sampling(),
+                  loss_params=LossParams(args.loss_type, args.importance_sampling_level, args.epsilon_low,
+                                         args.clip_high, args.delta, args.beta),
+                  state=self.state, sink=sink, dist=self.dist, device=self.device, pad_id=self.processing_class.pad_token_id,
+                  autocast=self._autocast, save=lambda: None,
+                  evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None)
+        run.stream_mark = copy.copy(stream.state)
+        run.save = lambda: self._save_checkpoint(run)
+        try:
+            out = train_loop(run)
+        except (TrainingStopped, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if getattr(e, "resumable", False):
+                path = self._save_checkpoint(run)
+                raise TrainingStopped(f"{e} A checkpoint was saved to {path}; resume with resume_from_checkpoint=True.") from e
+            raise
+        finally:
+            sink.close()
+        if args.save_strategy != "no" and self.state.global_step % max(int(args.save_steps), 1) != 0:
+            self._save_checkpoint(run)
+        final = {k: round(v, 6) for k, v in out.items()}
+        self.state.log_history.append({**final, "step": self.state.global_step, "epoch": self.state.epoch})
+        if args.push_to_hub:
+            self.save_model(args.output_dir)
+            self.push_to_hub()
+        return TrainOutput(global_step=self.state.global_step, **final)
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, **unused) -> dict[str, float]:
+        """Mean of every reward function on the eval prompts (num_generations_eval samples each)."""
+        prompts = (prepare_prompts(eval_dataset, self.processing_class, self.args.max_prompt_length, what="eval_dataset")
+                   if eval_dataset is not None else self.eval_prompts)
+        if prompts is None:
+            raise DataError("evaluate() needs an eval_dataset (pass it to GRPOTrainer or to evaluate()).")
+        return evaluate_prompts(self._get_generator(), prompts, self.processing_class, self.reward_funcs,
+                                self._sampling(eval=True), self.args.per_device_eval_batch_size, self.args)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> str:
+        out = output_dir or self.args.output_dir
+        if self.dist.is_main:
+            tmp = out.rstrip("/") + ".tmp-save"
+            ckpt.save_model_files(self.model, self.processing_class, tmp)
+            os.makedirs(out, exist_ok=True)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            os.rmdir(tmp)
+        return out
+
+    def push_to_hub(self, commit_message: str = "End of training", **kwargs) -> str | None:
+        """Upload output_dir; a failure is reported plainly and never raised: the model stays saved locally."""
+        if not self.dist.is_main:
+            return None
+        repo = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=self.args.hub_token)
+            url = api.create_repo(repo, private=self.args.hub_private_repo, exist_ok=True)
+            api.upload_folder(repo_id=url.repo_id, folder_path=self.args.output_dir, commit_message=commit_message,
+                              ignore_patterns=["checkpoint-*", ".tmp-*"])
+            return str(url)
+        except Exception as e:  # noqa: BLE001 - a failed push never loses the run
+            msg = (f"push_to_hub to '{repo}' failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). The model is "
+                   f"saved locally in {os.path.abspath(self.args.output_dir)}; push it later with "
+                   f"`huggingface-cli upload {repo} {self.args.output_dir}`.")
+            warnings.warn(msg)
+            log.warning(msg)
+            self.push_error = msg
+            return None
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sampling(self, eval: bool = False) -> SamplingParams:
+        a = self.args
+        n = (a.num_generations_eval or a.num_generations) if eval else a.num_generations
+        return SamplingParams(n=n, max_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
+                              top_k=a.top_k or 0, min_p=a.min_p or 0.0, repetition_penalty=a.repetition_penalty,
+                              seed=a.seed, regex=a.structured_regex, extra=dict(a.generation_kwargs or {}))
+
+    def _get_generator(self):
+        if self._generator is None:
+            path = self.model_path
+            if self.args.use_vllm and self.args.vllm_mode == "colocate" and (path is None or not os.path.isdir(path)):
+                path = self._materialize_base()
+            self._generator = make_generator(self.model, path, self.processing_class, self.args, self.eos_ids,
+                                             self.processing_class.pad_token_id, self.dist.local_rank,
+                                             self.dist.world_size, torch.bfloat16 if self.bf16 else None)
+        return self._generator
+
+    def _materialize_base(self) -> str | None:
+        """vLLM loads weights from disk: write the current (merged) weights once when the model came in memory."""
+        from .rollout import vllm_available
+
+        if not vllm_available():
+            return None
+        path = os.path.join(self.args.output_dir, ".vllm-base-model")
+        base = self.model.get_base_model() if self.is_peft else self.model
+        if self.dist.is_main:
+            os.makedirs(path, exist_ok=True)
+            from .rollout.weights import iter_sync_weights
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in iter_sync_weights(self.model, only_changed=False)}
+            save_file(tensors, os.path.join(path, "model.safetensors"))
+            base.config.save_pretrained(path)
+            self.processing_class.save_pretrained(path)
+        from .distributed import barrier
+
+        barrier(self.dist)
+        return path
+
+    def _save_checkpoint(self, run: Run) -> str:
+        st = self.state
+        mark = run.stream_mark or run.stream.state
+        st.stream_epoch, st.stream_offset = mark.epoch, mark.offset
+        if not self.dist.is_main:
+            return os.path.join(self.args.output_dir, f"checkpoint-{st.global_step}")
+        try:
+            return ckpt.save_checkpoint(self.args.output_dir, st, self.model, self.processing_class, run.optimizer,
+                                        run.scheduler, self.args.to_dict(), self.args.save_only_model,
+                                        self.args.save_total_limit)
+        except OSError as e:
+            prev = ckpt.list_checkpoints(self.args.output_dir)
+            raise ckpt.CheckpointError(
+                f"saving checkpoint-{st.global_step} failed ({e.strerror or e}); nothing partial was left behind. "
+                f"Latest intact checkpoint: {prev[-1] if prev else 'none'}. Free disk space and resume.") from e
+
+
+def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: SamplingParams, batch_prompts: int,
+                     config) -> dict[str, float]:
+    from .batch import _decode_kwargs
+
+    sums = torch.zeros(len(reward_funcs))
+    counts = torch.zeros(len(reward_funcs))
+    lengths = []
+    for s in range(0, len(prompts), max(batch_prompts, 1)):
+        chunk = prompts[s:s + batch_prompts]
+        generator.wake()
+        gen = generator.generate([p.ids for p in chunk], sampling)
+        kwargs, n = _decode_kwargs(chunk, gen, tokenizer, sampling.n)
+        per_func, _ = score(reward_funcs, kwargs, n, config.reward_timeout, config.reward_error)
+        valid = ~per_func.isnan()
+        sums += torch.nan_to_num(per_func).sum(0)
+        counts += valid.sum(0)
+        lengths += [len(c) for c in gen.completion_ids]
+    out = {f"eval_rewards/{f.name}/mean": (sums[j] / counts[j].clamp(min=1)).item() for j, f in enumerate(reward_funcs)}
+    out["eval_completions/mean_length"] = sum(lengths) / max(len(lengths), 1)
+    out["eval_num_prompts"] = len(prompts)
+    return out
+
+
+def _load_tokenizer(model: Any):
+    from transformers import AutoTokenizer
+
+    path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise ConfigError("cannot tell which tokenizer to use: pass processing_class=tokenizer.")
+    if isinstance(model, str) and not os.path.exists(model) and (model.startswith((".", "/")) or model.count("/") > 1):
+        raise ConfigError(f"model path {model!r} does not exist.")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"could not load a tokenizer for {path!r} ({type(e).__name__}: {str(e)[:200]}). If it is a "
+                          "hub id, check the name and the network; else pass a local folder or processing_class.") from e
+
+
+def _load_model(model: Any, args: GRPOConfig, bf16: bool):
+    if not isinstance(model, str):
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a model id, a folder, a PreTrainedModel or a PeftModel; got {type(model).__name__}.")
+        return model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(args.model_init_kwargs or {})
+    kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
+    kwargs.pop("device_map", None)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"could not load model {model!r} ({type(e).__name__}: {str(e)[:200]}). Check the path or hub "
+                          "id; without network, pass a local folder.") from e
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_cfg = getattr(getattr(model, "get_base_model", lambda: model)(), "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
