@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import asdict
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, GRPOConfig
-from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs
+from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import init_distributed
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
@@ -82,17 +83,20 @@ class GRPOTrainer:
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         if train_dataset is None:
             raise DataError("train_dataset is required.")
+        train_rows = validate_dataset(train_dataset)  # dataset and model path fail before anything is loaded
+        eval_rows = validate_dataset(eval_dataset, what="eval_dataset") if eval_dataset is not None else None
+        _check_model_path(model)
 
         self.model_path = model if isinstance(model, str) else None
         self.processing_class = processing_class or _load_tokenizer(model)
         tok = self.processing_class
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.train_prompts = prepare_prompts(train_dataset, tok, args.max_prompt_length,
+        self.train_prompts = prepare_prompts(train_rows, tok, args.max_prompt_length,
                                              chat_template_kwargs=args.chat_template_kwargs)
-        self.eval_prompts = (prepare_prompts(eval_dataset, tok, args.max_prompt_length, what="eval_dataset",
+        self.eval_prompts = (prepare_prompts(eval_rows, tok, args.max_prompt_length, what="eval_dataset",
                                              chat_template_kwargs=args.chat_template_kwargs)
-                             if eval_dataset is not None else None)
+                             if eval_rows is not None else None)
         self.model = _load_model(model, args, self.bf16)
         if peft_config is not None:
             from peft import get_peft_model
@@ -157,7 +161,8 @@ class GRPOTrainer:
         except Exception as e:
             if getattr(e, "resumable", False):
                 path = self._save_checkpoint(run)
-                raise TrainingStopped(f"{e} A checkpoint was saved to {path}; resume with resume_from_checkpoint=True.") from e
+                raise TrainingStopped(f"{e} A checkpoint was saved to {path}; resume with resume_from_checkpoint=True "
+                                      "(CLI: --resume_from_checkpoint true).", path, type(e).__name__) from e
             raise
         finally:
             sink.close()
@@ -208,8 +213,7 @@ class GRPOTrainer:
             msg = (f"push_to_hub to '{repo}' failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). The model is "
                    f"saved locally in {os.path.abspath(self.args.output_dir)}; push it later with "
                    f"`huggingface-cli upload {repo} {self.args.output_dir}`.")
-            warnings.warn(msg)
-            log.warning(msg)
+            print(f"[fastgrpo] {msg}", file=sys.stderr, flush=True)
             self.push_error = msg
             return None
 
@@ -268,11 +272,15 @@ class GRPOTrainer:
             return ckpt.save_checkpoint(self.args.output_dir, st, self.model, self.processing_class, run.optimizer,
                                         run.scheduler, self.args.to_dict(), self.args.save_only_model,
                                         self.args.save_total_limit)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap OSError in their own types
             prev = ckpt.list_checkpoints(self.args.output_dir)
+            full = ckpt.is_disk_full(e)
+            what = "the disk is full (No space left on device)" if full else f"{type(e).__name__}: {e}"
+            fix = "Free disk space (or set save_total_limit)" if full else "Fix the cause"
             raise ckpt.CheckpointError(
-                f"saving checkpoint-{st.global_step} failed ({e.strerror or e}); nothing partial was left behind. "
-                f"Latest intact checkpoint: {prev[-1] if prev else 'none'}. Free disk space and resume.") from e
+                f"saving checkpoint-{st.global_step} in {self.args.output_dir} failed: {what}. Nothing partial was "
+                f"left behind; the latest intact checkpoint is {prev[-1] if prev else 'none'}. {fix}, then resume "
+                "with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).") from e
 
 
 def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: SamplingParams, batch_prompts: int,
@@ -304,13 +312,27 @@ def _load_tokenizer(model: Any):
     path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path:
         raise ConfigError("cannot tell which tokenizer to use: pass processing_class=tokenizer.")
-    if isinstance(model, str) and not os.path.exists(model) and (model.startswith((".", "/")) or model.count("/") > 1):
-        raise ConfigError(f"model path {model!r} does not exist.")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"could not load a tokenizer for {path!r} ({type(e).__name__}: {str(e)[:200]}). If it is a "
                           "hub id, check the name and the network; else pass a local folder or processing_class.") from e
+
+
+def _check_model_path(model: Any) -> None:
+    """A local path that does not exist, or a folder that holds no model, fails here, before any loading. Names
+    with at most one '/' that are not on disk are taken for hub ids."""
+    if not isinstance(model, str):
+        return
+    if os.path.isdir(model):
+        if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
+            raise ConfigError(f"model folder {model!r} holds no config.json: it is not a saved model. Fix: pass the "
+                              "folder that save_pretrained wrote (config.json + *.safetensors), or a hub id.")
+    elif os.path.exists(model):
+        raise ConfigError(f"model {model!r} is a file; pass the folder that holds it (config.json + weights).")
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model path {model!r} does not exist. Fix: check the path (relative paths start from "
+                          f"{os.getcwd()}), or pass a hub id such as 'Qwen/Qwen2-0.5B-Instruct'.")
 
 
 def _load_model(model: Any, args: GRPOConfig, bf16: bool):
