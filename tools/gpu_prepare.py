@@ -1,0 +1,20 @@
+"""Build the GPU benchmark assets on the GPU host (no hub there): the random-weight Qwen2-0.5B-shaped model with a
+Qwen2-identical tokenizer, and NuminaMath-TIR-schema data as DATASET_ID folder (train.jsonl, test.jsonl).
+
+    python tools/gpu_prepare.py /tmp/assets      # -> /tmp/assets/model, /tmp/assets/data
+"""
+
+import os
+import sys
+import time
+
+from fastgrpo.testing import build_random_qwen2_0_5b, make_numina_like_dataset
+
+root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/assets"
+t = time.time()
+if not os.path.isfile(os.path.join(root, "model", "config.json")):
+    build_random_qwen2_0_5b(os.path.join(root, "model"))
+os.makedirs(os.path.join(root, "data"), exist_ok=True)
+make_numina_like_dataset(os.path.join(root, "data", "train.jsonl"), n=4000, seed=0)
+make_numina_like_dataset(os.path.join(root, "data", "test.jsonl"), n=400, seed=1)
+print(f"assets ready in {root} ({time.time() - t:.1f} s)")
