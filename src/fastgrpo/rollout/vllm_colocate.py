@@ -1,0 +1,368 @@
+"""vLLM inside the trainer process (one engine per rank, or per tensor-parallel group of ranks), for vLLM 0.26.
+
+Choices, each checked against the vLLM 0.26 source:
+
+- Executor: `distributed_executor_backend="external_launcher"` always (as TRL's colocate mode). It runs the worker
+  in this process (no engine subprocess, so `llm.apply_model` reaches the real model) and takes the rank and device
+  from RANK / LOCAL_RANK / WORLD_SIZE. Under torchrun, torch.distributed must already be initialised; the engine's
+  TP groups are carved out of the trainer's world (TP=1: every rank is an independent engine). In a single process
+  without torchrun we set RANK=0, WORLD_SIZE=1 and a free MASTER_PORT, and vLLM creates a 1-rank process group
+  (so `torch.distributed.is_initialized()` is True afterwards); `close()` then tears that group down again.
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 is required by this executor and is set before the engine is built.
+- KV cache: `vllm_kv_cache_memory_bytes="auto"` reserves sequences x max_model_len x per-token KV bytes x 1.2,
+  where sequences is one generation call on this rank (x TP size, since a TP group generates the group's prompts).
+  vLLM still checks free memory >= gpu_memory_utilization x total at start even then, so that fraction is capped
+  at 90% of what is actually free. `None` falls back to `vllm_gpu_memory_utilization` and vLLM's profiler.
+- Sampling: prompts go in as token ids; `logprobs=0` returns the sampled token's logprob only, and
+  `logprobs_mode="processed_logprobs"` makes it the logprob after temperature (and top-k/top-p/min-p masking), i.e.
+  the distribution actually sampled from, which the trainer's temperature-scaled logprobs are compared against.
+  `detokenize=False` (ids only) and `flat_logprobs=True` (no per-token dict objects) keep output handling cheap.
+  vLLM rejects n > 1 with temperature 0, so greedy requests are expanded into n copies of each prompt.
+- Weights: `update_weights` streams `iter_sync_weights` (LoRA: only the merged adapted weights) into the engine's
+  model through `llm.apply_model(lambda m: m.load_weights(bucket))` -> `Worker.apply_model`, which unwraps the
+  CUDA-graph wrapper; `load_weights` copies in place, so captured graphs stay valid. Buckets of 256 MB bound the
+  extra memory of a full fine-tuning push. The prefix cache is reset afterwards (its KV was computed by old weights).
+- Sleep: level 1 only (weights to CPU, KV cache dropped). Level 2 would discard the base weights, which a LoRA push
+  (q/v only) cannot restore. A weight push while asleep first wakes the "weights" allocation, since writing into
+  unmapped memory crashes; `wake()` brings back the rest and resets the prefix cache.
+- vLLM reseeds Python/NumPy/torch global RNGs when it starts; the caller's RNG states are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import random
+import socket
+import time
+
+import torch
+
+from ..config import GRPOConfig
+from .base import Generation, Generator, SamplingParams
+from .weights import DEFAULT_BUCKET_BYTES, bucketed, is_peft_model, iter_sync_weights
+
+__all__ = ["VLLMColocateGenerator", "kv_bytes_per_token", "auto_kv_cache_bytes", "engine_num_seqs"]
+
+KV_HEADROOM = 1.2
+MIN_KV_BYTES = 64 * 1024**2
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "auto": 2}
+
+
+def kv_bytes_per_token(hf_config, dtype_bytes: int, tp: int = 1) -> int:
+    """K and V of every layer for one token on one rank: 2 x layers x kv_heads/tp x head_dim x dtype bytes."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_per_rank = max(1, math.ceil(kv_heads / tp))  # vLLM replicates KV heads when tp > kv_heads
+    return 2 * text.num_hidden_layers * kv_per_rank * head_dim * dtype_bytes
+
+
+def auto_kv_cache_bytes(hf_config, num_seqs: int, max_model_len: int, dtype_bytes: int, tp: int = 1) -> int:
+    """KV bytes for `num_seqs` full-length sequences at once, with 20% headroom (block rounding, scheduling)."""
+    need = num_seqs * max_model_len * kv_bytes_per_token(hf_config, dtype_bytes, tp) * KV_HEADROOM
+    return max(MIN_KV_BYTES, int(math.ceil(need)))
+
+
+def engine_num_seqs(config: GRPOConfig, world_size: int) -> int:
+    """Sequences in one generate call of one engine: this rank's round (or eval batch) x the TP group size."""
+    per_rank = max(config.batch_plan(world_size).completions_per_rank, config.per_device_eval_batch_size)
+    return per_rank * config.vllm_tensor_parallel_size
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _preserved_process_state(device: torch.device):
+    """vLLM's worker start reseeds random / numpy / torch and sets torch's float32 matmul precision (to
+    VLLM_FLOAT32_MATMUL_PRECISION); restore the trainer's. Only `device`'s CUDA RNG is saved:
+    get_rng_state_all() would create a context on every visible GPU."""
+    matmul_precision = torch.get_float32_matmul_precision()
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:
+        np, np_state = None, None
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
+    """Logprob of each sampled token, from FlatLogprobs (sampled token first per position) or list[dict]."""
+    if lps is None:
+        raise RuntimeError("vLLM returned no logprobs although logprobs=0 was requested")
+    if hasattr(lps, "start_indices"):
+        values = lps.logprobs
+        out = [float(values[i]) for i in lps.start_indices]
+    else:
+        out = [float(pos[t].logprob) for t, pos in zip(token_ids, lps)]
+    if len(out) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(out)} logprobs for {len(token_ids)} tokens")
+    return out
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "length":
+        return "length"
+    if reason in (None, "abort", "error"):
+        raise RuntimeError(f"vLLM request ended without finishing (finish_reason={reason!r})")
+    return "stop"  # EOS, a stop token, or vLLM's repetition detection
+
+
+class VLLMColocateGenerator(Generator):
+    """A vLLM 0.26 engine in this process, sampling from weights pushed by `update_weights`."""
+
+    owns_weights = True
+
+    def __init__(
+        self,
+        model_path: str,
+        config: GRPOConfig,
+        tokenizer=None,
+        local_rank: int = 0,
+        world_size: int = 1,
+        max_model_len: int | None = None,
+        *,
+        dtype: str | None = None,
+        engine_kwargs: dict | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        self.config = config
+        self.tp = config.vllm_tensor_parallel_size
+        self.bucket_bytes = bucket_bytes
+        self._stats: dict[str, float] = {}
+        self._sleeping: set[str] = set()
+        if world_size % self.tp:
+            raise ValueError(f"vllm_tensor_parallel_size={self.tp} must divide the number of processes ({world_size}).")
+        self.rank, self._owns_process_group = self._prepare_distributed_env(local_rank, world_size)
+        self.device = torch.device("cuda", local_rank)
+
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        if max_model_len is None:
+            max_model_len = config.vllm_max_model_length
+        if max_model_len is None and config.max_prompt_length is not None:
+            max_model_len = config.max_prompt_length + config.max_completion_length
+        if max_model_len is None:
+            max_model_len = int(text.max_position_embeddings)
+        self.max_model_len = max_model_len
+        dtype = dtype or ("auto" if config.bf16 is False else "bfloat16")
+        num_seqs = engine_num_seqs(config, world_size)
+
+        kwargs = dict(
+            model=model_path,
+            tensor_parallel_size=self.tp,
+            dtype=dtype,
+            seed=config.seed + self.rank // self.tp,  # one seed per TP group: its ranks must sample identically
+            max_model_len=max_model_len,
+            max_num_seqs=num_seqs,
+            # vLLM needs >= max_num_seqs; a large default misleads its memory profiler (TRL uses 4096 too).
+            max_num_batched_tokens=max(num_seqs, min(max(4096, max_model_len), num_seqs * max_model_len)),
+            enable_prefix_caching=config.vllm_enable_prefix_caching,
+            enable_sleep_mode=config.vllm_enable_sleep_mode,
+            model_impl=config.vllm_model_impl,
+            logprobs_mode="processed_logprobs",
+            distributed_executor_backend="external_launcher",
+            trust_remote_code=config.trust_remote_code,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        )
+        kv = config.vllm_kv_cache_memory_bytes
+        if kv == "auto":
+            kv = auto_kv_cache_bytes(hf_config, num_seqs, max_model_len, _DTYPE_BYTES.get(str(dtype), 2), self.tp)
+        if kv is not None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            kwargs["kv_cache_memory_bytes"] = int(kv)
+            kwargs["gpu_memory_utilization"] = max(0.01, min(config.vllm_gpu_memory_utilization, 0.9 * free / total))
+        kwargs.update(engine_kwargs or {})
+        self.engine_kwargs = kwargs
+
+        with _preserved_process_state(self.device):
+            self.llm = LLM(**kwargs)
+
+        self._tp_group = None
+        self._tp_rank = 0
+        if self.tp > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            group = get_tp_group()  # consecutive blocks of `tp` ranks, built by vLLM from the trainer's world
+            self._tp_group, self._tp_rank = group.cpu_group, group.rank_in_group
+        # Stop on the trainer's EOS even if the saved tokenizer/generation config disagree with it.
+        try:
+            engine_eos = self.llm.get_tokenizer().eos_token_id
+        except Exception:  # skip_tokenizer_init=True in engine_kwargs: the engine knows no EOS of its own
+            engine_eos = None
+        trainer_eos = getattr(tokenizer, "eos_token_id", None)
+        self._extra_stop = [trainer_eos] if trainer_eos is not None and trainer_eos != engine_eos else []
+
+    # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _prepare_distributed_env(local_rank: int, world_size: int) -> tuple[int, bool]:
+        """Set the variables the external-launcher executor reads; return (global rank, we create the group)."""
+        import torch.distributed as dist
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        if dist.is_available() and dist.is_initialized():
+            rank, owns = dist.get_rank(), False
+            if dist.get_world_size() != world_size:
+                raise ValueError(f"world_size={world_size} but torch.distributed has {dist.get_world_size()} ranks.")
+        else:
+            if world_size > 1:
+                raise RuntimeError(
+                    "VLLMColocateGenerator with world_size > 1 needs torch.distributed initialised first "
+                    "(torchrun + torch.distributed.init_process_group) so that vLLM joins the trainer's process group."
+                )
+            rank, owns = 0, True
+            # A fresh port each time: a previous engine's store may still hold the old one.
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+        return rank, owns
+
+    def _sampling_params(self, params: SamplingParams, n: int):
+        from vllm.sampling_params import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs = dict(
+            n=n,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or 0,  # 0 disables top-k in vLLM 0.26 (-1 is accepted too)
+            min_p=params.min_p or 0.0,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,  # with n > 1, vLLM gives the j-th sample seed + j
+            logprobs=0,
+            detokenize=False,
+            flat_logprobs=True,
+        )
+        if self._extra_stop:
+            kwargs["stop_token_ids"] = list(self._extra_stop)
+        if params.regex is not None:
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=params.regex)
+        kwargs.update(params.extra)  # raw vLLM SamplingParams fields (e.g. from generation_kwargs)
+        if kwargs.get("stop") and "detokenize" not in params.extra:
+            kwargs["detokenize"] = True  # vLLM matches stop strings on text only
+        return VllmSamplingParams(**kwargs)
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        if self._sleeping:
+            self.wake()
+        prompts = [p.tolist() if hasattr(p, "tolist") else [int(t) for t in p] for p in prompt_ids]
+        n = params.n
+        greedy = params.temperature < 1e-5  # vLLM's _SAMPLING_EPS: greedy, which requires n == 1
+        per_request, copies = (1, n) if greedy else (n, 1)
+
+        offset, all_prompts = 0, prompts
+        if self._tp_group is not None:  # every rank of a TP group must submit the same requests
+            import torch.distributed as dist
+
+            gathered: list = [None] * self.tp
+            dist.all_gather_object(gathered, prompts, group=self._tp_group)
+            offset = sum(len(g) for g in gathered[: self._tp_rank])
+            all_prompts = [p for g in gathered for p in g]
+
+        if not all_prompts:
+            return Generation([], [], [])
+        requests = [{"prompt_token_ids": p} for p in all_prompts for _ in range(copies)]
+        t0 = time.perf_counter()
+        sampling = self._sampling_params(params, per_request)
+        outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+        self._stats["generation_time"] = time.perf_counter() - t0
+
+        completion_ids, logprobs, reasons = [], [], []
+        for out in outputs:  # LLM.generate returns requests in submission order
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                completion_ids.append(ids)
+                logprobs.append(_sampled_logprobs(ids, c.logprobs))
+                reasons.append(_finish_reason(c.finish_reason))
+        mine = slice(offset * n, (offset + len(prompts)) * n)
+        return Generation(completion_ids[mine], logprobs[mine], reasons[mine])
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module) -> None:
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        if "weights" in self._sleeping:  # load_weights into offloaded (unmapped) memory would crash
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+            self._sleeping.discard("weights")
+        count = nbytes = 0
+        weights = iter_sync_weights(model, only_changed=is_peft_model(model))
+        for bucket in bucketed(weights, self.bucket_bytes):
+            bucket = [(name, t.to(self.device, non_blocking=True)) for name, t in bucket]
+            loaded = self.llm.apply_model(lambda m, b=bucket: m.load_weights(b))
+            if not any(loaded):
+                raise RuntimeError(f"vLLM loaded none of {[name for name, _ in bucket][:4]}...: names do not match.")
+            count += len(bucket)
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        torch.cuda.synchronize(self.device)
+        self._stats.update(weight_sync_time=time.perf_counter() - t0, weight_sync_tensors=float(count),
+                           weight_sync_bytes=float(nbytes))
+
+    def sleep(self) -> None:
+        if not self.config.vllm_enable_sleep_mode or self._sleeping or self.llm is None:
+            return
+        self.llm.sleep(level=1)
+        self._sleeping = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        if not self._sleeping:
+            return
+        torch.cuda.empty_cache()  # hand the trainer's cached blocks back before vLLM maps its memory again
+        tags = None if self._sleeping == {"weights", "kv_cache"} else sorted(self._sleeping)
+        self.llm.wake_up(tags=tags)
+        self._sleeping.clear()
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is None:
+            return
+        engine = self.llm.llm_engine
+        if self._owns_process_group:
+            engine.engine_core.shutdown()  # EngineCore.shutdown also destroys the 1-rank group vLLM created
+        else:
+            # EngineCore.shutdown would destroy the trainer's process group: do its other steps only.
+            from vllm import envs
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            core = getattr(engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore
+            if core is not None:
+                core.structured_output_manager.clear_backend()
+                core.model_executor.shutdown()
+                core.scheduler.shutdown()
+            gc.unfreeze()  # vLLM gc.freeze()s after start-up; frozen objects would keep GPU memory alive
+            envs.disable_envs_cache()
+            destroy_model_parallel()
+        self.llm = None
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
