@@ -143,8 +143,15 @@ def completion_logprobs(model: torch.nn.Module, rows: Rows, temperature: float =
         lp, ent = plain_logprobs(logits[rows.rows, rows.cols], rows.targets, temperature)
         return lp, (ent.detach() if want_entropy else None)
     backbone, head = causal_lm_parts(model)
-    hidden = backbone(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                      position_ids=rows.position_ids, use_cache=False).last_hidden_state
+    # Rows are right-padded and contiguous, so the causal mask alone keeps every real token away from padding:
+    # no attention mask means SDPA can take its fused causal (flash) kernel. The plain path keeps the explicit
+    # mask and positions, and the tests hold the two equal.
+    hidden = backbone(input_ids=rows.input_ids, use_cache=False).last_hidden_state
     h = hidden[rows.rows, rows.cols]
+    if hasattr(head, "base_layer"):
+        # A PEFT adapter on the output layer itself (e.g. LoRA with lm_head in target_modules): head(h) is not
+        # F.linear(h, head.weight), so run the module's own forward on the kept positions ([M, V] logits only).
+        lp, ent = plain_logprobs(head(h), rows.targets, temperature)
+        return lp, (ent.detach() if want_entropy else None)
     return chunked_logprobs(h, head.weight, getattr(head, "bias", None), rows.targets, temperature, chunk,
                             want_entropy)

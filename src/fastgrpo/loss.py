@@ -160,6 +160,8 @@ def importance_weights(
         diff = diff.sum(-1, keepdim=True)
     ratio = torch.exp(diff)
     if mode.endswith("truncate"):
+        if clip_min is None and clip_max is None:  # no bounds set: nothing to truncate (torch.clamp would raise)
+            return ratio
         return torch.clamp(ratio, min=clip_min, max=clip_max)
     lo = -math.inf if clip_min is None else clip_min
     hi = math.inf if clip_max is None else clip_max

@@ -1,0 +1,222 @@
+"""Optimized path == plain path (issue #6).
+
+1. `fastgrpo.logprobs`: the chunked output-layer + log-softmax autograd function against the model's own full
+   logits (plain path), on a tiny fp32 Qwen2 with and without LoRA: log-probabilities, entropies and the gradients
+   of every trainable parameter, for several chunk sizes and temperatures, on ragged prompts and completions.
+2. `Rows.build`: every completion token's log-probability equals an unpadded single-sequence forward pass.
+3. `fastgrpo.batch.train_pass`: packing with `micro_batch_tokens` gives the same loss and gradients as
+   `per_device_train_batch_size` passes on a fixed Rollout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fastgrpo import batch as B
+from fastgrpo import loss as L
+from fastgrpo.config import GRPOConfig
+from fastgrpo.data import Prompt
+from fastgrpo.logprobs import Rows, completion_logprobs
+
+VOCAB_USED = 95  # printable ASCII ids of the char tokenizer
+
+
+def ragged(seed: int, prompt_lens, completion_lens):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB_USED, (n,), generator=g).tolist() for n in prompt_lens]
+    completions = [torch.randint(0, VOCAB_USED, (n,), generator=g).tolist() for n in completion_lens]
+    return prompts, completions
+
+
+def with_lora(model, target_modules, seed: int = 1):
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lora_B is zero at init: make the adapters matter
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return peft_model
+
+
+MODELS = ["full-tied", "full-untied", "lora-qv", "lora-all-linear+lm_head"]
+
+
+@pytest.fixture
+def model_kind_factory(tiny_model_factory):
+    def make(kind: str):
+        if kind == "full-tied":
+            return tiny_model_factory(seed=3).train()
+        if kind == "full-untied":
+            return tiny_model_factory(seed=3, tie=False).train()
+        if kind == "lora-qv":
+            return with_lora(tiny_model_factory(seed=3), ["q_proj", "v_proj"]).train()
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+        return with_lora(tiny_model_factory(seed=3, tie=False), targets).train()
+    return make
+
+
+def run_path(model, rows, temperature, chunk, plain, coeff):
+    model.zero_grad(set_to_none=True)
+    lp, ent = completion_logprobs(model, rows, temperature, chunk, want_entropy=True, plain=plain)
+    (lp * coeff).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return lp.detach(), ent, grads
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_chunked_equals_plain(kind, model_kind_factory, char_tokenizer):
+    model = model_kind_factory(kind)
+    prompts, completions = ragged(0, [3, 9, 5, 1], [6, 2, 11, 4])
+    rows = Rows.build(prompts, completions, char_tokenizer.pad_token_id)
+    M = sum(map(len, completions))
+    coeff = torch.linspace(-1.0, 1.5, M)  # an arbitrary downstream loss, different weight per token
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for temperature in (1.0, 0.7, 1.6):
+        ref_lp, ref_ent, ref_grads = run_path(model, rows, temperature, 4096, True, coeff)
+        assert all(g is not None for g in ref_grads.values())
+        for chunk in (1, 3, 7, 4096):
+            lp, ent, grads = run_path(model, rows, temperature, chunk, False, coeff)
+            assert lp.dtype == torch.float32 and lp.shape == (M,)
+            torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+            torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-5)
+            assert not ent.requires_grad
+            assert grads.keys() == ref_grads.keys()
+            for name in trainable:
+                assert grads[name] is not None, f"{name}: no gradient through the chunked path"
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    if kind.startswith("lora"):  # base weights get no gradient at all
+        assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_rows_match_unpadded_single_sequences(tiny_model_factory, char_tokenizer):
+    """Right padding, position ids and the completion-token gather are right for every ragged row."""
+    model = tiny_model_factory(seed=5).eval()
+    prompts, completions = ragged(1, [4, 1, 8, 2, 6], [3, 9, 1, 5, 2])
+    rows = Rows.build(prompts, completions, char_tokenizer.pad_token_id)
+    assert rows.T == 9 and rows.input_ids.shape == (5, 10)  # widest row: 1 + 9
+    with torch.no_grad():
+        lp, ent = completion_logprobs(model, rows, 0.9, 5, want_entropy=True)
+        k = 0
+        for p, c in zip(prompts, completions):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0].double() / 0.9
+            logp = torch.log_softmax(logits, -1)
+            for t, tok in enumerate(c):
+                pos = len(p) - 1 + t  # the position that predicts completion token t
+                assert abs(float(lp[k]) - float(logp[pos, tok])) < 1e-5
+                expected_entropy = -(logp[pos].exp() * logp[pos]).sum()
+                assert abs(float(ent[k]) - float(expected_entropy)) < 1e-5
+                k += 1
+    grid = rows.to_grid(lp, fill=float("nan"))
+    for i, c in enumerate(completions):
+        assert not grid[i, :len(c)].isnan().any() and grid[i, len(c):].isnan().all()
+
+
+# ------------------------------------------------------------------------------------ train_pass packing
+def fixed_rollout(config: GRPOConfig, seed: int, old_shift: float):
+    """A hand-made round: ragged prompts/completions, random advantages, one masked truncated completion, old and
+    reference logprobs (and generator logprobs) offset from the current ones so that clipping, KL and IS act."""
+    plan = config.batch_plan()
+    N = plan.completions_per_rank
+    g = torch.Generator().manual_seed(seed)
+    plens = torch.randint(1, 7, (N,), generator=g).tolist()
+    clens = torch.randint(1, config.max_completion_length + 1, (N,), generator=g).tolist()
+    prompt_ids, completion_ids = ragged(seed, plens, clens)
+    truncated = torch.tensor([c == config.max_completion_length for c in clens])
+    truncated[2] = True
+    lengths = torch.tensor(clens, dtype=torch.float64)
+    loss_lengths = lengths * (~truncated).double() if config.mask_truncated_completions else lengths
+    weights = L.sequence_weights(loss_lengths, config.loss_type, plan.micro_batch, plan.grad_accum,
+                                 plan.steps_per_generation, config.max_completion_length)
+    adv = torch.randn(N, generator=g)
+
+    def noise():  # per-sequence offset + per-token noise: token and sequence (GSPO) ratios both spread
+        return [(torch.rand(1, generator=g) - 0.5) * 2 * old_shift + (torch.rand(n, generator=g) - 0.5) * old_shift
+                for n in clens]
+
+    r = B.Rollout(
+        prompts=[Prompt(i, "p", prompt_ids[i], {}) for i in range(N)], prompt_ids=prompt_ids,
+        completion_ids=completion_ids, completions_text=["x"] * N, gen_logprobs=None, truncated=truncated,
+        rewards_per_func=adv[:, None].clone(), rewards=adv.clone(), advantages=adv, group_std=torch.ones(N),
+        loss_lengths=loss_lengths, weights=weights)
+    return r, noise
+
+
+def current_logprobs(model, r: B.Rollout, config, pad_id):
+    rows = Rows.build(r.prompt_ids, r.completion_ids, pad_id)
+    with torch.no_grad():
+        lp, _ = completion_logprobs(model, rows, config.temperature, config.logprob_chunk_size)
+    return list(torch.split(lp, [len(c) for c in r.completion_ids]))
+
+
+CASES = [
+    dict(loss_type="dapo"),
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, mask_truncated_completions=True),
+    dict(loss_type="bnpo", epsilon_high=0.28, delta=1.4, async_generation=True),
+    dict(loss_type="dr_grpo", beta=0.1, vllm_importance_sampling_mode="sequence_mask"),
+    dict(loss_type="cispo", epsilon_high=1.3, async_generation=True),
+]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("case", CASES, ids=[c["loss_type"] for c in CASES])
+def test_train_pass_packing_equals_micro_batches(case, lora, tiny_model_factory, char_tokenizer, tmp_path):
+    import contextlib
+
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                        num_generations=2, max_completion_length=10, temperature=0.8, logprob_chunk_size=5, **case)
+    model = tiny_model_factory(seed=2)
+    model = (with_lora(model, ["q_proj", "v_proj", "up_proj"]) if lora else model).train()
+    pad = char_tokenizer.pad_token_id
+    r, noise = fixed_rollout(config, seed=4, old_shift=0.5)
+    cur = current_logprobs(model, r, config, pad)
+    r.old_logprobs = [c + n for c, n in zip(cur, noise())]
+    if config.beta:
+        r.ref_logprobs = [c + n for c, n in zip(cur, noise())]
+    if case.get("async_generation") or "vllm_importance_sampling_mode" in case:
+        gen = [(c + n) for c, n in zip(r.old_logprobs, noise())]
+        gen[0][0] = float("nan")
+        r.gen_logprobs = [x.tolist() for x in gen]
+
+    plan = config.batch_plan()
+    order = list(range(len(r)))  # one optimizer step: GA micro-batches
+    assert len(order) == plan.micro_batch * plan.grad_accum
+    lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths, as the loop plans
+    nullctx = contextlib.nullcontext
+    step = lambda passes: run_step(model, r, config, passes, pad, nullctx)  # noqa: E731
+
+    base_passes = B.plan_passes(order, plan.micro_batch, None, lengths)
+    assert base_passes == [[0, 1, 2], [3, 4, 5]]
+    ref_sums, ref_grads = step(base_passes)
+    assert any(g.abs().sum() > 0 for g in ref_grads.values())
+    assert float(ref_sums["clip_region"]) > 0, "old logprobs should put some tokens in the clipped region"
+    for budget in (14, 24, 1000):
+        passes = B.plan_passes(order, plan.micro_batch, budget, lengths)
+        assert sorted(i for p in passes for i in p) == order
+        if budget == 1000:
+            assert len(passes) == 1  # everything in one pass
+        else:
+            assert passes != base_passes
+        sums, grads = step(passes)
+        for key in ("loss", "tokens", "entropy", "clip_low", "clip_high", "clip_region", "kl", "is_sum"):
+            if key in ref_sums:
+                torch.testing.assert_close(sums[key].double(), ref_sums[key].double(), rtol=1e-5, atol=1e-6, msg=key)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def run_step(model, r, config, passes, pad_id, autocast):
+    model.zero_grad(set_to_none=True)
+    params = L.LossParams(config.loss_type, config.importance_sampling_level, config.epsilon_low, config.clip_high,
+                          config.delta, config.beta)
+    sums: dict = {}
+    for idx in passes:
+        s = B.train_pass(model, r, idx, config, params, pad_id, torch.device("cpu"), autocast)
+        for k, v in s.items():
+            if k.endswith(("_min", "_max")):
+                continue
+            sums[k] = sums.get(k, 0) + v.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sums, grads
