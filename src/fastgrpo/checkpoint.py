@@ -9,6 +9,7 @@ carries the model's identity so resuming another model's checkpoint fails clearl
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -95,8 +96,11 @@ def save_checkpoint(output_dir: str, state: TrainerState, model, tokenizer, opti
     try:
         save_model_files(model, tokenizer, tmp)
         if not save_only_model:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_state()}, os.path.join(tmp, "training_state.pt"))
+            # Through a Python file object so that a full disk surfaces as OSError(ENOSPC) in the exception chain
+            # (torch.save to a path reports only "unexpected pos").
+            with open(os.path.join(tmp, "training_state.pt"), "wb") as fh:
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": rng_state()}, fh)
         with open(os.path.join(tmp, "config.fastgrpo.json"), "w") as f:
             json.dump(config_dict, f, indent=1, default=str)
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -112,6 +116,19 @@ def save_checkpoint(output_dir: str, state: TrainerState, model, tokenizer, opti
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception's chain, or in its text (safetensors reports "os error 28")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _json_default(x: Any):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,8 +171,8 @@ class GRPOConfig:
     eval_on_start: bool = _f(False, "Evaluate before the first step.")
 
     # --- speed (fastgrpo additions) ---
-    logprob_chunk_size: int = _f(4096, "Tokens per chunk of the log-softmax over the vocabulary; bounds logits memory.")
-    micro_batch_tokens: int | None = _f(None, "Token budget per physical forward pass; None packs per_device_train_batch_size sequences.")
+    logprob_chunk_size: int = _f(2048, "Tokens per chunk of the log-softmax over the vocabulary; bounds logits memory.")
+    micro_batch_tokens: int | None = _f(None, "Token budget of one forward pass (sequences x longest); None: 8192 on a GPU, per_device_train_batch_size rows on CPU. The loss does not depend on it.")
     max_consecutive_nonfinite: int = _f(3, "Skip updates with NaN/inf loss or gradient; stop (with a checkpoint) after this many in a row.")
     torch_threads: int | None = _f(None, "CPU threads for torch; None keeps torch's default.")
 
@@ -256,7 +257,8 @@ class BatchPlan:
                 f"Each device generates per_device_train_batch_size * steps_per_generation = "
                 f"{per_rank} * {spg} = {plan.completions_per_rank} completions per round, which is not a multiple of "
                 f"num_generations={c.num_generations}: a prompt's group must stay on one device. "
-                f"Fix: make per_device_train_batch_size * gradient_accumulation_steps a multiple of {c.num_generations}."
+                f"Fix: make {_round_knob(c)} a multiple of {c.num_generations}, or pick a num_generations "
+                f"that divides {plan.completions_per_rank}."
             )
         if (spg * c.num_iterations) % c.gradient_accumulation_steps:
             raise ConfigError(
@@ -264,6 +266,13 @@ class BatchPlan:
                 f"gradient_accumulation_steps={c.gradient_accumulation_steps} so that each optimizer step sees whole micro-batches."
             )
         return plan
+
+
+def _round_knob(c: GRPOConfig) -> str:
+    """The setting that sizes a device's generation round, as the user wrote it."""
+    if c.generation_batch_size is not None:
+        return "generation_batch_size / world_size"
+    return f"per_device_train_batch_size * {'steps_per_generation' if c.steps_per_generation else 'gradient_accumulation_steps'}"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -283,6 +292,18 @@ def check_names(values: dict[str, Any], source: str = "GRPOConfig") -> None:
             raise ConfigError(f"{source}: unknown field '{name}'.{tip}")
 
 
+def _checked_init(init):
+    """GRPOConfig(learning_rat=...) raises ConfigError naming the closest field, not a bare TypeError."""
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_names(kwargs)
+        init(self, *args, **kwargs)
+    return __init__
+
+
+GRPOConfig.__init__ = _checked_init(GRPOConfig.__init__)  # type: ignore[method-assign]
+
+
 def _choice(c: GRPOConfig, name: str, allowed: tuple) -> None:
     value = getattr(c, name)
     if value not in allowed:
@@ -293,6 +314,14 @@ def _choice(c: GRPOConfig, name: str, allowed: tuple) -> None:
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
           "dict": (dict,), "list[float]": (list, tuple), "list[str]": (list, tuple)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _check_types(c: GRPOConfig) -> None:
@@ -311,7 +340,11 @@ def _check_types(c: GRPOConfig) -> None:
             want = " or ".join({"None": "null", "list[float]": "a list of numbers", "list[str]": "a list of strings",
                                 "int": "an integer", "float": "a number", "bool": "true/false",
                                 "str": "a string", "dict": "a mapping"}.get(k, k) for k in kinds)
-            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__}).")
+            tip = ""
+            if isinstance(value, str) and ("int" in kinds or "float" in kinds) and _is_number(value):
+                tip = (" Fix: write it as a number, not text (YAML reads 1e-5 as a string; write 1.0e-5, and leave "
+                       "numbers unquoted).")
+            raise ConfigError(f"{f.name} must be {want}, got {value!r} ({type(value).__name__}).{tip}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{f.name} must be finite, got {value!r}.")
 

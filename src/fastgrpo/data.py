@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from dataclasses import dataclass
@@ -39,14 +40,18 @@ def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict)
 
 
-def _check_messages(messages: list, row: int) -> None:
+def _check_messages(messages: list, row: int, what: str = "train_dataset") -> None:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"row {row}: message {j} must be a dict with 'role' and 'content', got {m!r}.")
+            raise DataError(f"{what} row {row}: message {j} must be a dict with 'role' and 'content', got {m!r}.")
         if m["role"] not in ROLES:
-            raise DataError(f"row {row}: message {j} has unknown role {m['role']!r}; expected one of {ROLES}.")
+            hint = difflib.get_close_matches(str(m["role"]), ROLES, n=1)
+            raise DataError(f"{what} row {row}: message {j} has unknown role {m['role']!r}; expected one of {ROLES}."
+                            + (f" Did you mean {hint[0]!r}?" if hint else ""))
         if not isinstance(m["content"], str):
-            raise DataError(f"row {row}: message {j} content must be a string, got {type(m['content']).__name__}.")
+            raise DataError(f"{what} row {row}: message {j} ({m['role']}) content must be a string, got "
+                            f"{type(m['content']).__name__} {m['content']!r:.80}. Fix: join text parts into one string "
+                            "(multimodal content lists are not supported).")
 
 
 def load_dataset_spec(path: str, split: str = "train", name: str | None = None, **kw):
@@ -70,9 +75,10 @@ def load_dataset_spec(path: str, split: str = "train", name: str | None = None, 
     return datasets.load_dataset(path, name, split=split, **kw)
 
 
-def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_column: str = "prompt",
-                    chat_template_kwargs: dict | None = None, what: str = "train_dataset") -> list[Prompt]:
-    """Validate and tokenize every prompt of `dataset` (a `datasets.Dataset` or a list of dicts)."""
+def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_dataset") -> list[dict]:
+    """Check what needs no tokenizer (the prompt column, empty or malformed prompts); returns the rows.
+
+    The trainer calls this before loading the tokenizer or the model, so a bad dataset fails in seconds."""
     columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0].keys()) if len(dataset) else []
     if len(dataset) == 0:
         raise DataError(f"{what} is empty.")
@@ -83,12 +89,31 @@ def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_co
             f"or name your column with prompt_column."
         )
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    for i, row in enumerate(rows):
+        p = row.get(prompt_column)
+        if is_conversational(p):
+            _check_messages(p, i, what)
+        elif isinstance(p, list) and not p:
+            raise DataError(f"{what} row {i}: the prompt is an empty list of messages. Fix: drop the row or add a "
+                            "user message.")
+        elif not isinstance(p, str):
+            raise DataError(f"{what} row {i}: prompt must be a string or a list of {{'role', 'content'}} messages, "
+                            f"got {type(p).__name__} {p!r:.80}.")
+        elif not p.strip():
+            raise DataError(f"{what} row {i}: the prompt is empty. Fix: drop the row (dataset.filter(lambda x: "
+                            f"x['{prompt_column}'].strip() != '')).")
+    return rows
+
+
+def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_column: str = "prompt",
+                    chat_template_kwargs: dict | None = None, what: str = "train_dataset") -> list[Prompt]:
+    """Validate and tokenize every prompt of `dataset` (a `datasets.Dataset` or a list of dicts)."""
+    rows = validate_dataset(dataset, prompt_column, what)
     texts: list[str] = []
     originals = []
     for i, row in enumerate(rows):
         p = row[prompt_column]
         if is_conversational(p):
-            _check_messages(p, i)
             if getattr(tokenizer, "chat_template", None) is None:
                 raise DataError(
                     f"{what} holds conversational prompts but the tokenizer has no chat template. Fix: set "
@@ -96,12 +121,8 @@ def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_co
                 )
             text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
                                                  **(chat_template_kwargs or {}))
-        elif isinstance(p, str):
-            text = p
         else:
-            raise DataError(f"{what} row {i}: prompt must be a string or a list of messages, got {type(p).__name__}.")
-        if not text.strip():
-            raise DataError(f"{what} row {i}: the prompt is empty.")
+            text = p
         texts.append(text)
         originals.append(p)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -42,19 +42,26 @@ def format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if _FORMAT.match(c) else 0.0 for c in _contents(completions)]
 
 
+#: Seconds math-verify may spend on one parse and on one verify (its own signal.alarm timeouts, whole seconds,
+#: main thread only): a pathological completion (deep nesting, 9^9^9^9) costs at most 2x this, then scores 0.
+MATH_VERIFY_TIMEOUT_S = 5
+
+
 def accuracy_reward(completions, solution, **kwargs) -> list[float]:
     """math-verify equivalence of the completion with the `solution` column; 1.0 when the gold is unparsable."""
     from math_verify import LatexExtractionConfig, parse, verify
 
+    t = MATH_VERIFY_TIMEOUT_S
     rewards = []
     for content, sol in zip(_contents(completions), solution):
-        gold = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
+        gold = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()], parsing_timeout=t)
         if len(gold) == 0:
             rewards.append(1.0)
             continue
-        answer = parse(content, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
+        answer = parse(content, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()],
+                       parsing_timeout=t)
         try:
-            rewards.append(float(verify(answer, gold)))
+            rewards.append(float(verify(answer, gold, timeout_seconds=t)))
         except Exception:
             rewards.append(0.0)
     return rewards
@@ -124,13 +131,21 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> RewardFunct
             return resolve_reward(fn)
         if os.path.isdir(spec):
             return resolve_reward(RewardModel(spec, device))
+        import difflib
+
+        hint = difflib.get_close_matches(spec, sorted(BUILTINS), n=1)
         raise RewardError(f"reward '{spec}' is not a built-in ({', '.join(sorted(set(BUILTINS)))}), "
-                          "a module:function, nor an existing reward-model folder.")
+                          "a module:function, nor an existing reward-model folder."
+                          + (f" Did you mean '{hint[0]}'?" if hint else ""))
     raise RewardError(f"reward {spec!r} must be a callable, a built-in name, module:function or a model path.")
 
 
 class _Timeout(BaseException):
     pass
+
+
+class _TimedOut(TimeoutError):
+    """A call that reward_timeout cut short (as opposed to a TimeoutError the function raised itself)."""
 
 
 def _call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict) -> Any:
@@ -232,7 +247,7 @@ def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | No
         try:
             results[j] = _call_with_timeout(f.fn, timeout, kwargs)
         except _Timeout:
-            results[j] = TimeoutError(f"took longer than reward_timeout={timeout}s")
+            results[j] = _TimedOut(f"took longer than reward_timeout={timeout}s")
         except Exception as e:  # noqa: BLE001 - reported with the function's name below
             results[j] = e
     for j, f in enumerate(funcs):
@@ -242,7 +257,11 @@ def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | No
                 out[:, j] = 0.0
                 failures += 1
                 continue
-            where = "" if isinstance(r, TimeoutError) else _describe_sample(kwargs, _locate_failure(f, kwargs, n))
+            if isinstance(r, _TimedOut) or (f.is_async and timeout and isinstance(r, asyncio.TimeoutError)):
+                raise RewardError(f"reward function '{f.name}' took longer than reward_timeout={timeout}s on a batch "
+                                  f"of {n} completions. Make it faster, raise reward_timeout, or set "
+                                  "reward_error='zero' to score calls that time out 0.") from r
+            where = _describe_sample(kwargs, _locate_failure(f, kwargs, n))
             raise RewardError(f"reward function '{f.name}' raised {type(r).__name__}: {r}{where}. "
                               "Fix the function, or set reward_error='zero' to score failures 0.") from r
         out[:, j] = torch.tensor(_check_output(f.name, r, n))
