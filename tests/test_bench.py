@@ -1,0 +1,130 @@
+"""`fastgrpo bench` on CPU: the grid, the recipe config per framework, the statistics, the table and chart on
+synthetic results, and one real tiny cell per framework in its own worker process (TRL's only when trl imports)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from fastgrpo import bench
+
+
+def _args(*argv: str):
+    args = bench.build_parser().parse_args(list(argv))
+    args.extra = json.loads(args.extra)
+    return args
+
+
+def test_parse_grid_default_and_order():
+    cells = bench.parse_grid(_args())
+    assert len(cells) == 3 * 3 * 4  # G x L x {fastgrpo, trl} x {colocate, novllm}
+    assert [bench.cell_key(c) for c in cells[:4]] == ["fastgrpo-colocate-G4-L256", "fastgrpo-novllm-G4-L256",
+                                                      "trl-colocate-G4-L256", "trl-novllm-G4-L256"]
+    assert {c["steps"] for c in cells} == {12} and {c["completions_per_step"] for c in cells} == {128}
+
+
+def test_parse_grid_async_vllm_alone_and_errors():
+    cells = bench.parse_grid(_args("--modes", "colocate,async,novllm", "--num-generations", "8",
+                                   "--max-completion-length", "512", "--vllm-alone", "--extra", '{"seed": 1}'))
+    keys = [bench.cell_key(c) for c in cells]
+    assert keys == ["fastgrpo-colocate-G8-L512", "fastgrpo-async-G8-L512", "fastgrpo-novllm-G8-L512",
+                    "trl-colocate-G8-L512", "trl-novllm-G8-L512", "vllm-alone-G8-L512"]  # TRL has no async
+    assert all(c["extra"] == {"seed": 1} for c in cells)
+    only = bench.parse_grid(_args("--only", "trl-colocate,vllm-alone,fastgrpo-async", "--num-generations", "8,16",
+                                  "--max-completion-length", "512"))
+    assert [bench.cell_key(c) for c in only] == ["trl-colocate-G8-L512", "vllm-alone-G8-L512", "fastgrpo-async-G8-L512",
+                                                 "trl-colocate-G16-L512", "vllm-alone-G16-L512", "fastgrpo-async-G16-L512"]
+    for bad in (["--only", "trl-async"], ["--only", "fastgrpo"], ["--frameworks", "verl"], ["--modes", "sync"], ["--num-generations", "3"], ["--steps", "0"],
+                ["--per-device-batch", "6"]):
+        with pytest.raises(ValueError):
+            bench.parse_grid(_args(*bad))
+
+
+def test_recipe_config_per_framework():
+    for g in (4, 8, 16):
+        cell = bench.parse_grid(_args("--num-generations", str(g), "--max-completion-length", "256"))[0]
+        c = bench.recipe_config(cell, "fastgrpo", cuda=True)
+        assert c["per_device_train_batch_size"] * c["gradient_accumulation_steps"] == 128
+        assert (c["num_generations"], c["max_completion_length"], c["max_prompt_length"]) == (g, 256, 512)
+        assert c["use_vllm"] and c["vllm_gpu_memory_utilization"] == 0.3 and c["bf16"] and not c["async_generation"]
+    cell = dict(bench.parse_grid(_args("--modes", "async"))[0], extra={"learning_rate": 3e-5})
+    c = bench.recipe_config(cell, "fastgrpo", cuda=False)
+    assert c["async_generation"] and c["use_vllm"] and c["learning_rate"] == 3e-5 and c["bf16"] is False
+    trl = bench.recipe_config(dict(cell, mode="novllm"), "trl", cuda=True)
+    assert "max_prompt_length" not in trl and "async_generation" not in trl and not trl["use_vllm"]
+    assert (trl["save_strategy"], trl["report_to"], trl["logging_steps"]) == ("no", "none", 1)
+
+
+def test_step_stats_leaves_out_the_first_step():
+    s = bench.step_stats([30.0, 2.0, 4.0, 3.0], [0.0, 100.0, 100.0, 100.0], completions_per_step=8)
+    assert s["s_per_step"] == 3.0 and s["steps_timed"] == 3 and s["it_per_s"] == pytest.approx(1 / 3)
+    assert s["gen_tok_per_s"] == pytest.approx(300 / 9) and s["completions_per_s"] == pytest.approx(24 / 9)
+    assert bench.step_stats([5.0], [10.0], 8)["s_per_step"] == 5.0 and bench.step_stats([], [], 8) == {}
+
+
+def _r(framework, mode, s, **kw):
+    return {"framework": framework, "mode": mode, "G": 8, "L": 512, "steps": 12, "key": f"{framework}-{mode}",
+            "s_per_step": s, "it_per_s": 1 / s if s else None, "gen_tok_per_s": 65536 / s if s else None,
+            "device": "NVIDIA H100 80GB HBM3", "completions_per_step": 128, "error": None, **kw}
+
+
+SYNTHETIC = [
+    _r("trl", "colocate", 10.8, config={"gradient_checkpointing": True}, gpu_peak_used_gib=30.1),
+    _r("fastgrpo", "colocate", 2.7, split={"gen": 1.5, "train": 1.0, "other": 0.2, "overlapped": False},
+       gpu_peak_used_gib=25.0, torch_peak_reserved_gib=20.5),
+    _r("fastgrpo", "async", 2.16, split={"gen": 1.5, "train": 1.0, "other": 0.1, "overlapped": True}),
+    _r("trl", "novllm", 23.0),
+    _r("fastgrpo", "novllm", None, error="CUDA out of memory | tried 2 GiB"),
+    _r("vllm", "alone", 1.35),
+]
+
+
+def test_summarize_ratios_failures_and_notes():
+    table = bench.summarize(SYNTHETIC)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == [("fastgrpo", "colocate"), ("fastgrpo", "async"), ("fastgrpo", "novllm"),
+                              ("trl", "colocate"), ("trl", "novllm"), ("vllm", "alone")]  # header first
+    cells = [c.strip() for c in rows[("fastgrpo", "colocate")].split("|")[1:-1]]
+    assert cells[4:] == ["2.70", "0.370", "24,273", "25.0 (20.5)", "1.5 / 1.0 / 0.2", "0.25", "2.00", ""]
+    async_cells = [c.strip() for c in rows[("fastgrpo", "async")].split("|")[1:-1]]
+    assert async_cells[8] == "1.5‖ / 1.0 / 0.1" and async_cells[9] == "0.20"  # against TRL colocate
+    assert "FAILED: CUDA out of memory / tried 2 GiB" in rows[("fastgrpo", "novllm")]
+    assert "gradient_checkpointing on (TRL default)" in rows[("trl", "colocate")]
+    trl_cells = [c.strip() for c in rows[("trl", "colocate")].split("|")[1:-1]]
+    assert trl_cells[9] == "1.00" and trl_cells[10] == "8.00"
+    assert "NVIDIA H100" in table
+
+
+def test_write_outputs_and_report_merge(tmp_path):
+    bench.write_outputs(tmp_path / "a", SYNTHETIC[:3])
+    bench.write_outputs(tmp_path / "b", SYNTHETIC[3:])
+    assert (tmp_path / "a" / "chart.png").stat().st_size > 10_000
+    assert bench.main(["--report", str(tmp_path / "a" / "results.jsonl"), str(tmp_path / "b" / "results.jsonl"),
+                       "--out", str(tmp_path / "m")]) == 0
+    assert len((tmp_path / "m" / "results.jsonl").read_text().splitlines()) == len(SYNTHETIC)
+    assert "| vllm | alone |" in (tmp_path / "m" / "table.md").read_text()
+
+
+def test_tiny_cells_run_in_worker_processes(tmp_path, capsys):
+    """One real cell per framework (--tiny, 1 step, G=2, L=8, 4 completions/step), each in its own process."""
+    frameworks = "fastgrpo,trl" if importlib.util.find_spec("trl") else "fastgrpo"
+    out = tmp_path / "out"
+    rc = bench.main(["--tiny", "--workdir", str(tmp_path / "work"), "--out", str(out), "--frameworks", frameworks,
+                     "--modes", "novllm", "--num-generations", "2", "--max-completion-length", "8", "--steps", "1",
+                     "--extra", '{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}'])
+    assert rc == 0
+    results = {r["framework"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(results) == set(frameworks.split(","))
+    for r in results.values():
+        assert r["error"] is None, r.get("traceback") or r["error"]
+        assert r["s_per_step"] > 0 and r["completions_per_step"] == 4 and r["steps_timed"] == 1
+        assert r["gen_tok_per_s"] > 0 and r["split"]["gen"] is not None and r["split"]["train"] is not None
+        assert r["device"] == "cpu" and r["gpu_peak_used_gib"] is None
+    assert results["fastgrpo"]["config"]["max_prompt_length"] == 512
+    if "trl" in results:
+        assert "max_prompt_length" not in results["trl"]["config"]
+        assert results["trl"]["config"]["gradient_checkpointing"] is True  # TRL's default, kept
+    assert (out / "table.md").exists() and (out / "chart.png").exists()
+    assert "fastgrpo | novllm | 2 | 8" in capsys.readouterr().out
