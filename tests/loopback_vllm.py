@@ -16,6 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the client opens dozens of connections at once; the default backlog (5) resets them
 from urllib.parse import parse_qs, urlsplit
 
 GENERATE = "/inference/v1/generate"
@@ -82,7 +86,7 @@ class LoopbackVLLM:
         self.calls: list[Call] = []
         self.paused: str | None = None
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.owner = self  # type: ignore[attr-defined]
         self.port = self._httpd.server_address[1]

@@ -152,7 +152,7 @@ def train_pass(model, r: Rollout, idx: list[int], config, params: L.LossParams, 
         a = adv[:, None]
         ratio = terms.ratio.expand_as(mask) if terms.ratio.shape != mask.shape else terms.ratio
         if config.loss_type == "cispo":
-            low = torch.zeros_like(mask)
+            low = torch.zeros_like(mask, dtype=torch.bool)  # bool, as below: `low | high` needs two bool masks
             high = (ratio > params.eps_high) & (a > 0)
         else:
             low = (ratio < 1 - params.eps_low) & (a < 0)

@@ -18,6 +18,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,7 +34,14 @@ from .rollout import Generation, Generator, SamplingParams
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped early (signal, repeated non-finite updates, dead server) after saving a checkpoint."""
+    """The run stopped early (signal, repeated non-finite updates, dead server) after saving a checkpoint.
+
+    `checkpoint`: the folder to resume from; `reason`: "SIGINT", "SIGTERM", "nonfinite" or the error's type."""
+
+    def __init__(self, message: str, checkpoint: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.reason = reason
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Run:
     autocast: Callable
     save: Callable[[], str]
     evaluate: Callable[[], dict] | None = None
+    token_budget: int | None = None
     stop_signal: list = field(default_factory=list)
     stream_mark: Any = None
 
@@ -78,6 +87,19 @@ def _generate(run: Run, prompts) -> tuple[Generation, float]:
     return gen, time.perf_counter() - t
 
 
+def _generate_beside(run: Run, prompts) -> tuple[Generation, float]:
+    """Generation in the background thread: on a GPU, on its own CUDA stream so that its kernels can run while
+    the main thread's training kernels occupy the default stream."""
+    if run.device.type != "cuda":
+        return _generate(run, prompts)
+    stream = torch.cuda.Stream(run.device)
+    stream.wait_stream(torch.cuda.current_stream(run.device))  # weights pushed before this round are visible
+    with torch.cuda.stream(stream):
+        out = _generate(run, prompts)
+    stream.synchronize()
+    return out
+
+
 def _reference_context(run: Run):
     if run.ref_model is not None:
         return run.ref_model, contextlib.nullcontext()
@@ -89,8 +111,8 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     with timer("reward_time"):
         r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state)
     all_idx = list(range(len(r)))
-    lengths = [len(c) for c in r.completion_ids]
-    passes = B.plan_passes(all_idx, plan.micro_batch, cfg.micro_batch_tokens, lengths)
+    lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
+    passes = B.plan_passes(all_idx, plan.micro_batch, run.token_budget, lengths)
     with timer("logprob_time"):
         if plan.steps_per_generation * plan.num_iterations > plan.grad_accum:
             r.old_logprobs = B.precompute_logprobs(run.model, r, passes, cfg, run.pad_id, run.device, run.autocast, False)
@@ -110,7 +132,11 @@ def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, boo
     ok = bool(all_reduce_sum(ok.float().reshape(1), run.dist).item() == run.dist.world_size)
     if ok:
         run.optimizer.step()
-    run.scheduler.step()
+        run.scheduler.step()
+    else:  # a skipped update still takes its place in the schedule; torch's "scheduler before optimizer" note is moot
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return float(norm), ok
 
@@ -155,10 +181,11 @@ def train_loop(run: Run) -> dict[str, float]:
     pending: Future | None = None
     loss_total, steps_done, t_start = 0.0, 0, time.perf_counter()
     _install_signal_handlers(run)
+    t_prev = time.perf_counter()  # step_time runs from one step's end to the next: waits and syncs included
     try:
         while state.global_step < state.max_steps and not run.stop_signal:
             timer = Timer()
-            t_prev = time.perf_counter()
+            t_round = time.perf_counter()
             if pending is None:                               # synchronous, or the very first async round
                 prompts = _next_prompts(run)
                 gen, gen_time = _generate(run, prompts)
@@ -167,14 +194,14 @@ def train_loop(run: Run) -> dict[str, float]:
             run.stream_mark = copy.copy(run.stream.state)     # a checkpoint resumes from here
             if pool is not None and state.global_step + plan.optimizer_steps_per_round < state.max_steps:
                 nxt = _next_prompts(run)                      # round k+1, sampled with round k's weights
-                pending = pool.submit(lambda p=nxt: (p, _generate(run, p)))
+                pending = pool.submit(lambda p=nxt: (p, _generate_beside(run, p)))
             else:
                 pending = None
             r = _prepare(run, prompts, gen, timer)
             round_metrics = B.rollout_metrics(r, [f.name for f in run.reward_funcs], run.dist)
             round_tokens = int(all_reduce_sum(torch.tensor(float(sum(len(c) for c in r.completion_ids))), run.dist))
             state.total_tokens += round_tokens
-            lengths = [len(c) for c in r.completion_ids]
+            lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
             save_due = False
             for _ in range(plan.num_iterations):
                 for start in range(0, n_completions, step_group):
@@ -183,13 +210,13 @@ def train_loop(run: Run) -> dict[str, float]:
                     sums: dict[str, torch.Tensor] = {}
                     order = list(range(start, min(start + step_group, n_completions)))
                     with timer("train_time"):
-                        for idx in B.plan_passes(order, plan.micro_batch, cfg.micro_batch_tokens, lengths):
+                        for idx in B.plan_passes(order, plan.micro_batch, run.token_budget, lengths):
                             _accumulate(sums, B.train_pass(run.model, r, idx, cfg, run.loss_params, run.pad_id,
                                                            run.device, run.autocast))
                         grad_norm, ok = _optimizer_step(run, sums)
                     state.global_step += 1
                     state.epoch = run.stream.epoch_float
-                    _check_finite(run, ok, sums)
+                    _check_finite(run, ok, sums, grad_norm)
                     if run.generator.owns_weights and pool is None:
                         with timer("sync_time"):
                             run.generator.update_weights(run.model)
@@ -197,7 +224,7 @@ def train_loop(run: Run) -> dict[str, float]:
                     m = {**round_metrics, **_step_metrics(run, sums, grad_norm), **timer.pop(),
                          "generation_time": gen_time, "epoch": state.epoch, "num_tokens": state.total_tokens,
                          **run.generator.stats(), "step_time": now - t_prev,
-                         "tokens_per_second": round_tokens / max(now - t_prev, 1e-9)}
+                         "tokens_per_second": round_tokens / max(now - t_round, 1e-9)}
                     t_prev, gen_time = now, 0.0
                     loss_total += m["loss"]
                     steps_done += 1
@@ -209,7 +236,8 @@ def train_loop(run: Run) -> dict[str, float]:
                 path = run.save()
             if run.stop_signal:
                 raise TrainingStopped(f"stopped by {run.stop_signal[0]} at step {state.global_step}; checkpoint saved "
-                                      f"to {path}. Resume with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).")
+                                      f"to {path}. Resume with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).",
+                                      path, run.stop_signal[0])
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -231,22 +259,23 @@ def _done_future(value) -> Future:
     return f
 
 
-def _check_finite(run: Run, ok: bool, sums: dict) -> None:
+def _check_finite(run: Run, ok: bool, sums: dict, grad_norm: float) -> None:
     st = run.state
     if ok:
         st.consecutive_nonfinite = 0
         return
     st.skipped_updates += 1
     st.consecutive_nonfinite += 1
-    import warnings
-
-    warnings.warn(f"step {st.global_step}: non-finite loss or gradient (loss={float(sums['loss']):.4g}); update skipped "
-                  f"({st.consecutive_nonfinite} in a row).")
+    what = f"loss={float(sums['loss']):.4g}, grad_norm={grad_norm:.4g}"
+    warnings.warn(f"step {st.global_step}: non-finite loss or gradient ({what}); update skipped "
+                  f"({st.consecutive_nonfinite} in a row, {st.skipped_updates} in this run).")
     if st.consecutive_nonfinite >= run.config.max_consecutive_nonfinite:
         path = run.save()
         raise TrainingStopped(f"{st.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient "
-                              f"(last loss {float(sums['loss']):.4g}). Checkpoint saved to {path}. Lower the learning "
-                              "rate, check reward functions for extreme values, or enable bf16/fp32 consistently.")
+                              f"(last: {what}; {st.skipped_updates} skipped in this run, weights untouched by them). "
+                              f"Checkpoint saved to {path}. Lower the learning rate, check reward functions for extreme "
+                              "values, or train in float32 (bf16=False); then resume with resume_from_checkpoint=True.",
+                              path, "nonfinite")
 
 
 def _log(run: Run, m: dict) -> bool:

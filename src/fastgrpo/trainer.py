@@ -32,6 +32,9 @@ from .rewards import RewardError, resolve_reward, score
 from .rollout import SamplingParams, make_generator
 
 log = logging.getLogger("fastgrpo")
+# Tokens per forward pass on a GPU when micro_batch_tokens is unset: the loss does not depend on how sequences are
+# grouped into passes, and larger passes use the GPU better than per_device_train_batch_size rows of padding.
+AUTO_GPU_TOKEN_BUDGET = 8192
 
 
 class TrainOutput(dict):
@@ -79,7 +82,8 @@ class GRPOTrainer:
         self.reward_funcs = [resolve_reward(f, self.device) for f in funcs]
         weights = args.reward_weights or [1.0] * len(funcs)
         if len(weights) != len(funcs):
-            raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions.")
+            raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions. Fix: give "
+                              "one weight per reward function, in the same order, or leave reward_weights unset (all 1).")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         if train_dataset is None:
             raise DataError("train_dataset is required.")
@@ -151,6 +155,10 @@ class GRPOTrainer:
                                          args.clip_high, args.delta, args.beta),
                   state=self.state, sink=sink, dist=self.dist, device=self.device, pad_id=self.processing_class.pad_token_id,
                   autocast=self._autocast, save=lambda: None,
+                  # The top-entropy threshold is a quantile over each micro-batch (as in TRL), so then passes must
+                  # be exactly the micro-batches: no packing.
+                  token_budget=None if args.top_entropy_quantile < 1 else
+                  args.micro_batch_tokens or (AUTO_GPU_TOKEN_BUDGET if self.device.type == "cuda" else None),
                   evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None)
         run.stream_mark = copy.copy(stream.state)
         run.save = lambda: self._save_checkpoint(run)
@@ -212,7 +220,7 @@ class GRPOTrainer:
         except Exception as e:  # noqa: BLE001 - a failed push never loses the run
             msg = (f"push_to_hub to '{repo}' failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). The model is "
                    f"saved locally in {os.path.abspath(self.args.output_dir)}; push it later with "
-                   f"`huggingface-cli upload {repo} {self.args.output_dir}`.")
+                   f"`hf upload {repo} {self.args.output_dir}`.")
             print(f"[fastgrpo] {msg}", file=sys.stderr, flush=True)
             self.push_error = msg
             return None
@@ -228,7 +236,7 @@ class GRPOTrainer:
         n = (a.num_generations_eval or a.num_generations) if eval else a.num_generations
         return SamplingParams(n=n, max_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
                               top_k=a.top_k or 0, min_p=a.min_p or 0.0, repetition_penalty=a.repetition_penalty,
-                              seed=a.seed, regex=a.structured_regex, extra=dict(a.generation_kwargs or {}))
+                              seed=None, regex=a.structured_regex, extra=dict(a.generation_kwargs or {}))
 
     def _get_generator(self):
         if self._generator is None:

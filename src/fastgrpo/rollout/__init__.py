@@ -24,7 +24,7 @@ def make_generator(model, model_path: str | None, tokenizer, config, eos_ids: li
     if config.use_vllm and config.vllm_mode == "server":
         from .vllm_client import VLLMServerGenerator
 
-        return VLLMServerGenerator(config, rank=rank, world_size=world_size)
+        return VLLMServerGenerator(config, rank=rank, world_size=world_size)  # rank 0 pushes weights
     if config.use_vllm and vllm_available():
         from .vllm_colocate import VLLMColocateGenerator
 
