@@ -70,6 +70,7 @@ class Run:
     save: Callable[[], str]
     evaluate: Callable[[], dict] | None = None
     token_budget: int | None = None
+    epochs_done: int = 0
     stop_signal: list = field(default_factory=list)
     stream_mark: Any = None
 
@@ -289,9 +290,16 @@ def _log(run: Run, m: dict) -> bool:
         entry = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}, "step": step}
         st.log_history.append(entry)
         run.sink.report(step, m)
-    if run.evaluate is not None and cfg.eval_strategy == "steps" and step % int(cfg.eval_steps or cfg.logging_steps) == 0:
-        st.log_history.append({**run.evaluate(), "step": step})
-    return cfg.save_strategy == "steps" and step % int(cfg.save_steps) == 0
+    new_epoch = int(st.epoch) > run.epochs_done
+    run.epochs_done = int(st.epoch)
+    eval_due = (cfg.eval_strategy == "steps" and step % int(cfg.eval_steps or cfg.logging_steps) == 0) or \
+        (cfg.eval_strategy == "epoch" and new_epoch)
+    if run.evaluate is not None and eval_due:
+        ev = run.evaluate()
+        st.log_history.append({**ev, "step": step})
+        run.sink.write(step, ev)
+        run.sink.report(step, ev)
+    return (cfg.save_strategy == "steps" and step % int(cfg.save_steps) == 0) or (cfg.save_strategy == "epoch" and new_epoch)
 
 
 def _install_signal_handlers(run: Run) -> None:

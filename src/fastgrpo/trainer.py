@@ -161,6 +161,11 @@ class GRPOTrainer:
                   args.micro_batch_tokens or (AUTO_GPU_TOKEN_BUDGET if self.device.type == "cuda" else None),
                   evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None)
         run.stream_mark = copy.copy(stream.state)
+        run.epochs_done = int(self.state.epoch)
+        if args.eval_on_start and run.evaluate is not None and self.state.global_step == 0:
+            ev = run.evaluate()
+            self.state.log_history.append({**ev, "step": 0})
+            sink.write(0, ev)
         run.save = lambda: self._save_checkpoint(run)
         try:
             out = train_loop(run)
