@@ -6,7 +6,7 @@ set -u
 out=${1:-/tmp/out}; mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python tools/gpu_prepare.py /tmp/assets 2>&1 | tail -1
-timeout ${TEST_TIMEOUT:-300} python -m pytest -s -q -m gpu -p no:cacheprovider tests/ > "$out/gpu-tests.log" 2>&1
+FASTGRPO_VLLM_EAGER=1 timeout ${TEST_TIMEOUT:-300} python -m pytest -s -q -m gpu -p no:cacheprovider tests/ > "$out/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?"; grep -E "FIGURE|passed|failed|Error" "$out/gpu-tests.log" | tail -15
 common="--model /tmp/assets/model --dataset.path /tmp/assets/data --report_to none --push_to_hub false"
 rm -rf /tmp/cli-run
