@@ -7,6 +7,7 @@ and only batch-wide statistics (token totals, batch std, logged metrics) are red
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -39,7 +40,13 @@ def init_distributed() -> Dist:
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        atexit.register(_shutdown)  # we opened the group, so we close it: a live gloo/NCCL group aborts at exit
     return Dist(rank, local, world)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
