@@ -449,7 +449,7 @@ def test_push_to_hub_without_network_keeps_model(tiny_model_factory, char_tokeni
     msg = t.push_error
     assert "someone/tiny-grpo" in msg and "saved locally" in msg and os.path.abspath(cfg.output_dir) in msg
     assert msg in capfd.readouterr().err
-    command = re.search(r"`([^`]+)`", msg).group(1)  # the suggested command exists on this machine
+    command = re.search(r"push it later with `([^`]+)`", msg).group(1)  # the suggested command exists on this machine
     exe = command.split()[0]
     assert shutil.which(exe) or shutil.which(exe, path=os.path.dirname(sys.executable)), command
     from transformers import AutoModelForCausalLM
