@@ -222,7 +222,8 @@ class FakeSender:
 
 
 def fake_weights(seen):
-    def iter_weights(model, only_changed):
+    def iter_weights(model, only_changed, complete_parents=False):
+        assert complete_parents  # a server's layerwise reload needs whole fused layers
         seen.append(only_changed)
         for name, p in model.named_parameters():
             yield name, p.detach()
@@ -310,11 +311,11 @@ def test_failed_rendezvous_is_reported(server):
 _CALLS = []
 
 
-def _second_sync_fails(model, only_changed):
+def _second_sync_fails(model, only_changed, complete_parents=False):
     _CALLS.append(1)
     if len(_CALLS) == 2:
         raise RuntimeError("merge failed")
-    yield from fake_weights([])(model, only_changed)
+    yield from fake_weights([])(model, only_changed, complete_parents)
 
 
 def _rank_main(rank, url, port, results):

@@ -185,3 +185,25 @@ def test_bucketed_keeps_order_and_bounds_size():
     assert list(bucketed(iter([]))) == []
     with pytest.raises(ValueError):
         list(bucketed(iter(tensors), bucket_bytes=0))
+
+
+def test_complete_parents_sends_whole_attention_blocks():
+    """A server-side layerwise reload rebuilds fused qkv_proj from scratch: q/v LoRA must carry k and the biases."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from fastgrpo.rollout.weights import iter_sync_weights
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = transformers.Qwen2ForCausalLM(cfg)
+    expected = {n: p.detach().clone() for n, p in base.named_parameters() if ".self_attn." in n}
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    changed = dict(iter_sync_weights(peft, only_changed=True))
+    whole = dict(iter_sync_weights(peft, only_changed=True, complete_parents=True))
+    assert set(changed) < set(whole) and set(whole) == set(expected)          # q,k,v,o weights + q,k,v biases
+    for name in whole:
+        if name not in changed:
+            assert torch.equal(whole[name], expected[name])                     # untouched siblings as they are
+    for name in changed:
+        assert torch.equal(whole[name], changed[name])

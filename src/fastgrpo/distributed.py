@@ -36,7 +36,8 @@ def init_distributed() -> Dist:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # gloo for the CPU-side statistics (rewards, token counts), NCCL for gradients on the GPU
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         dist.init_process_group(backend)

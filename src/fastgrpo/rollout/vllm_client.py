@@ -562,7 +562,7 @@ class VLLMServerGenerator(Generator):
         try:
             self._post("/start_weight_update", self.control_timeout)
             chunk, size = [], 0
-            for name, tensor in iter_weights(model, only_changed=is_lora):
+            for name, tensor in iter_weights(model, only_changed=is_lora, complete_parents=True):
                 if self.server_dtype and str(tensor.dtype) != f"torch.{self.server_dtype}":
                     logger.warning("Sending %s weights (%s) to a vLLM server that holds %s: the precision gap biases "
                                    "the importance ratios; train in or serve with the same dtype.",

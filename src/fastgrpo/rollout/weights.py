@@ -101,8 +101,16 @@ def _tied(model: nn.Module) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False))
 
 
-def iter_sync_weights(model: nn.Module, only_changed: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(base_name, tensor)` for the engine; see the module docstring. Lazy: one tensor materialised at a time."""
+def iter_sync_weights(model: nn.Module, only_changed: bool = True,
+                      complete_parents: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(base_name, tensor)` for the engine; see the module docstring. Lazy: one tensor materialised at a time.
+
+    `complete_parents=True` (with only_changed): also yield every other parameter under the parent module of each
+    LoRA layer (all of `self_attn` for a q_proj adapter: q, k, v, o weights and biases). vLLM's layerwise reload
+    (the server's /start_weight_update ... /finish_weight_update) rebuilds a fused layer such as qkv_proj from
+    fresh buffers and leaves shards it did not receive uninitialised, so a server update must carry whole layers;
+    an in-process `load_weights` writes shards in place and needs only the changed ones.
+    """
     model = unwrap_model(model)
     peft = is_peft_model(model)
     root = model.get_base_model() if peft else model  # the transformers model, LoRA layers injected in place
@@ -113,6 +121,10 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True) -> Iterator[t
     if peft:
         lora_layer, lora_linear, to_save, tokens = _peft_classes()
 
+    full_under: tuple[str, ...] = ()  # prefixes whose parameters are all sent (complete_parents)
+    if peft and only_changed and complete_parents:
+        full_under = tuple({p.rsplit(".", 1)[0] + "." for p, m in root.named_modules()
+                            if isinstance(m, lora_layer) and "." in p})
     seen: set[int] = set()  # ids of parameters already yielded (tied weights appear under two modules)
     done: list[str] = []  # prefixes of subtrees already handled as a whole
 
@@ -126,6 +138,7 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True) -> Iterator[t
     for prefix, module in root.named_modules():
         if any(prefix.startswith(d + ".") for d in done):
             continue
+        everything = not only_changed or bool(full_under and (prefix + ".").startswith(full_under))
         if peft and isinstance(module, lora_layer):
             done.append(prefix)
             if not isinstance(module, lora_linear):
@@ -140,7 +153,7 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True) -> Iterator[t
                 item = emit(_join(prefix, "bias"), bias, base.bias)
                 if item:
                     yield item
-            elif not only_changed:
+            elif everything:
                 for pname, p in base.named_parameters():
                     if pname != "weight" and (item := emit(_join(prefix, pname), p.detach(), p)):
                         yield item
@@ -156,7 +169,7 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True) -> Iterator[t
                 if item := emit(_join(prefix, pname), p.detach(), p):
                     yield item
             continue
-        if not only_changed:
+        if everything:
             for pname, p in module.named_parameters(recurse=False):
                 if item := emit(_join(prefix, pname), p.detach(), p):
                     yield item
