@@ -121,6 +121,7 @@ def test_generation_shape_order_and_request(server):
     sp = sorted(bodies, key=lambda b: b["sampling_params"]["seed"])[1]["sampling_params"]
     assert sp["n"] == 3 and sp["max_tokens"] == 5 and sp["logprobs"] == 0 and sp["seed"] == 10 and sp["top_k"] == 4
     assert sp["structured_outputs"] == {"regex": "[0-9]+"} and sp["detokenize"] is False
+    assert sp["output_kind"] == 2  # FINAL_ONLY: all n samples in the one response
     assert sorted(b["token_ids"] for b in bodies) == sorted(prompts)
 
 

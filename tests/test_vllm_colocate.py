@@ -2,13 +2,19 @@
 
 Run the GPU part with `-s` to see the figures (mean |logprob diff|, weight sync time, memory freed by sleep):
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=src pytest -s -q -m gpu tests/test_vllm_colocate.py
-FASTGRPO_VLLM_EAGER=1 skips torch.compile/CUDA graphs (faster start; the default exercises the real path).
+FASTGRPO_VLLM_EAGER=1 skips torch.compile/CUDA graphs (faster start; the default exercises the real path), except
+in the timing comparison, which always runs the real path. `-k engine_process` selects the engine-process tests.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
 import types
 
 import pytest
@@ -24,6 +30,20 @@ from fastgrpo.rollout.vllm_colocate import (
     engine_num_seqs,
     kv_bytes_per_token,
 )
+from fastgrpo.rollout.vllm_worker import (
+    ALIGN,
+    RECEIVE_METHOD,
+    WORKER_EXTENSION,
+    WeightReceiver,
+    bytes_payload,
+    cuda_ipc_payload,
+    open_payload,
+    pack_bucket,
+    unpack_bucket,
+)
+from fastgrpo.rollout.weights import bucketed, iter_sync_weights
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 # ---------------------------------------------------------------------------------------------- CPU ---
 
@@ -77,6 +97,175 @@ def test_finish_reasons():
             _finish_reason(bad)
 
 
+# ------------------------------------------------------------------------- CPU: engine-process push ---
+
+
+def _plain(obj) -> bool:
+    """Only what vLLM's msgpack encoder sends without VLLM_ALLOW_INSECURE_SERIALIZATION (no classes, dtypes)."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return obj is None or isinstance(obj, (str, bytes, int, float, bool))
+
+
+def test_engine_process_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(0)
+    bucket = [
+        ("a.weight", torch.randn(7, 5, generator=g).to(torch.bfloat16)),  # 70 bytes: the next slot is padded
+        ("b.bias", torch.randn(3, generator=g)),
+        ("c.transposed", torch.randn(4, 6, generator=g).T),  # not contiguous
+        ("d.scalar", torch.tensor(2.5, dtype=torch.float16)),
+        ("e.empty", torch.empty(0, 4)),
+        ("f.ids", torch.arange(11, dtype=torch.int64)),
+        ("g.mask", torch.tensor([True, False, True])),
+    ]
+    packed = pack_bucket(bucket, "cpu")
+    offsets = [entry[3] for entry in packed.entries]
+    assert all(o % ALIGN == 0 for o in offsets) and offsets == sorted(offsets)
+    assert packed.buffer.dtype == torch.uint8 and packed.buffer.numel() % ALIGN == 0
+    assert packed.tensor_bytes == sum(t.numel() * t.element_size() for _, t in bucket)
+    dtypes = ["bfloat16", "float32", "float32", "float16", "float32", "int64", "bool"]
+    assert [entry[1] for entry in packed.entries] == dtypes
+    assert _plain(packed.entries)
+    out = unpack_bucket(packed.buffer, packed.entries)
+    assert [name for name, _ in out] == [name for name, _ in bucket]
+    for (_, want), (_, got) in zip(bucket, out):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    # views into the buffer, not copies: the engine loads straight out of the trainer's memory
+    assert out[0][1].untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
+
+
+class _RecordingModel:
+    def __init__(self) -> None:
+        self.got: dict[str, torch.Tensor] = {}
+
+    def load_weights(self, weights):
+        names = set()
+        for name, t in weights:
+            self.got[name] = t.clone()  # the receiver drops its views when it returns
+            names.add(name)
+        return names
+
+
+class _FakeWorker:
+    """What WeightReceiver uses of vLLM's GPU Worker: `device` and `get_model()`."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.model = _RecordingModel()
+
+    def get_model(self):
+        return self.model
+
+
+def test_engine_process_payload_carries_merged_lora_weights_to_the_receiver(tiny_model_factory):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model_factory(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    want = list(iter_sync_weights(model, only_changed=True))
+    worker, calls = _FakeWorker(), 0
+    for bucket in bucketed(iter_sync_weights(model, only_changed=True), bucket_bytes=3000):  # q: 4 KiB, v: 2 KiB
+        payload = bytes_payload(pack_bucket(bucket, "cpu"))
+        assert _plain(payload)
+        assert WeightReceiver.receive_ipc_weights(worker, payload) == len(bucket)
+        calls += 1
+    assert calls == 4 and list(worker.model.got) == [name for name, _ in want]  # q, v of 2 layers, in order
+    for name, t in want:
+        assert torch.equal(worker.model.got[name], t)
+
+
+def test_engine_process_payload_checks():
+    packed = pack_bucket([("w", torch.ones(3))], "cpu")
+    cpu = torch.device("cpu")
+    assert torch.equal(open_payload(bytes_payload(packed), cpu), packed.buffer)
+    with pytest.raises(ValueError):
+        open_payload({**bytes_payload(packed), "kind": "nope"}, cpu)
+    with pytest.raises(RuntimeError):
+        open_payload({**bytes_payload(packed), "nbytes": 1}, cpu)
+    with pytest.raises(RuntimeError):  # a CUDA IPC handle only opens on a GPU
+        open_payload({"kind": "cuda_ipc", "gpu": "GPU-x", "handle": b"", "nbytes": ALIGN, "entries": []}, cpu)
+    with pytest.raises(ValueError):
+        cuda_ipc_payload(packed)  # host buffer
+    with pytest.raises(ValueError):
+        unpack_bucket(packed.buffer, [["w", "Tensor", [3], 0]])  # not a dtype
+    with pytest.raises(ValueError):
+        unpack_bucket(packed.buffer, [["w", "float32", [3], 4]])  # misaligned
+    with pytest.raises(ValueError):
+        unpack_bucket(packed.buffer, [["w", "float32", [1000], 0]])  # past the end
+
+
+def test_engine_process_worker_extension_is_one_method():
+    # vLLM asserts that no extension attribute exists on its Worker; ours adds exactly the RPC target.
+    assert [a for a in dir(WeightReceiver) if not a.startswith("__")] == [RECEIVE_METHOD]
+    assert WORKER_EXTENSION == f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
+
+
+_HELPER = """
+import signal
+
+
+def report(conn):
+    conn.send(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    conn.close()
+"""
+
+_UNGUARDED = """
+import multiprocessing as mp
+import signal
+import sys
+
+print("TOP-LEVEL CODE RAN", flush=True)  # an unguarded script, like examples/recipe.py
+import helper
+from fastgrpo.rollout.vllm_colocate import _sigint_blocked, _spawn_without_main
+import contextlib
+
+ctx = mp.get_context("spawn")  # what vLLM uses once CUDA is initialised
+recv, send = ctx.Pipe(duplex=False)
+launch = contextlib.ExitStack()
+if sys.argv[1] == "launch":
+    launch.enter_context(_spawn_without_main())
+    launch.enter_context(_sigint_blocked())
+with launch:
+    p = ctx.Process(target=helper.report, args=(send,))
+    p.start()
+send.close()  # EOF on `recv` once the child is gone
+try:
+    mask = recv.recv() if recv.poll(60) else None
+except EOFError:
+    mask = None
+p.join(60)
+print("child mask has SIGINT:", mask is not None and int(signal.SIGINT) in mask)
+print("parent mask has SIGINT:", signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+print("child exit code:", p.exitcode)
+"""
+
+
+def test_engine_process_launch_does_not_rerun_an_unguarded_script(tmp_path):
+    """vLLM spawns its engine process; spawn re-runs the parent's main script unless told not to."""
+    (tmp_path / "helper.py").write_text(_HELPER)
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
+
+    def run(mode: str) -> str:
+        r = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=180, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = run("launch")
+    assert out.count("TOP-LEVEL CODE RAN") == 1, out
+    assert "child mask has SIGINT: True" in out and "parent mask has SIGINT: False" in out, out
+    assert "child exit code: 0" in out, out
+    plain = run("plain")  # the problem being avoided: the child runs the script again and fails in it
+    assert plain.count("TOP-LEVEL CODE RAN") == 2 and "child exit code: 0" not in plain, plain
+
+
 # ---------------------------------------------------------------------------------------------- GPU ---
 
 TEXTS = ["Hello there, how are you?", "What is 2 + 3?", "<think> a b c", "The quick brown fox", "x" * 40]
@@ -103,14 +292,15 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_generator(model_dir, tokenizer, dtype=None, **overrides):
+def make_generator(model_dir, tokenizer, dtype=None, engine_kwargs=None, **overrides):
+    """In-process engine unless `vllm_engine_process=True` is passed (whatever the config's default)."""
     from fastgrpo.rollout.vllm_colocate import VLLMColocateGenerator
 
     fields = dict(per_device_train_batch_size=16, num_generations=4, max_prompt_length=64,
-                  max_completion_length=32, use_vllm=True, seed=0)
+                  max_completion_length=32, use_vllm=True, seed=0, vllm_engine_process=False)
     fields.update(overrides)
     return VLLMColocateGenerator(model_dir, GRPOConfig(**fields), tokenizer, local_rank=0, world_size=1,
-                                 dtype=dtype, engine_kwargs=dict(EAGER))
+                                 dtype=dtype, engine_kwargs=dict(EAGER) if engine_kwargs is None else engine_kwargs)
 
 
 def load_hf(model_dir, dtype):
@@ -275,3 +465,163 @@ def test_sleep_wake_round_trip_keeps_generation(model_dir):
         assert gen.generate(prompts, greedy).completion_ids == d  # generate wakes a sleeping engine itself
     finally:
         gen.close()
+
+
+@pytest.mark.gpu
+def test_engine_process_weight_push_greedy_and_sleep(model_dir):
+    """vLLM's engine in its own process: LoRA and full pushes through CUDA IPC give transformers' greedy tokens."""
+    _gpu_ready()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    base = load_hf(model_dir, torch.float32)
+    prompts = [tok(t).input_ids for t in TEXTS]
+    steps, eos = 24, tok.eos_token_id
+    greedy = SamplingParams(n=1, max_tokens=steps, temperature=0.0)
+    gen = make_generator(model_dir, tok, dtype="float32", bf16=False, vllm_engine_process=True,
+                         vllm_enable_sleep_mode=True)
+    try:
+        client = gen.llm.llm_engine.engine_core
+        assert gen.engine_process and type(client).__name__ == "SyncMPClient"  # the EngineCore is another process
+        procs = client.resources.engine_manager.processes
+        assert len(procs) == 1 and procs[0].is_alive() and procs[0].pid != os.getpid()
+        out0 = gen.generate(prompts, greedy)
+        print(f"\nFIGURE engine-process greedy fp32 base: "
+              f"{assert_greedy_matches(base, prompts, out0.completion_ids, steps, eos)} tokens equal")
+
+        lora = with_lora(base, b_std=0.05)
+        times = []
+        for _ in range(4):
+            gen.update_weights(lora)
+            times.append(gen.stats()["weight_sync_time"])
+        assert gen.stats()["weight_sync_tensors"] == 2 * 2  # q/v of 2 layers
+        print(f"FIGURE engine-process LoRA push: {statistics.median(times[1:]) * 1e3:.2f} ms (median of 3; first "
+              f"push {times[0] * 1e3:.2f} ms), {int(gen.stats()['weight_sync_tensors'])} tensors, "
+              f"{gen.stats()['weight_sync_bytes'] / 2**20:.2f} MiB")
+        out1 = gen.generate(prompts, greedy)
+        assert out1.completion_ids != out0.completion_ids, "the LoRA push changed nothing"
+        print(f"FIGURE engine-process greedy fp32 LoRA: "
+              f"{assert_greedy_matches(lora, prompts, out1.completion_ids, steps, eos)} tokens equal")
+
+        free_awake = torch.cuda.mem_get_info()[0]  # device-wide: includes the engine process
+        gen.sleep()
+        freed = torch.cuda.mem_get_info()[0] - free_awake
+        print(f"FIGURE engine-process sleep(level=1) freed {freed / 2**20:.1f} MiB")
+        assert freed > 0
+        gen.update_weights(lora)  # pushed while asleep: wakes the weights first
+        print(f"FIGURE engine-process LoRA push while asleep: {gen.stats()['weight_sync_time'] * 1e3:.2f} ms")
+        gen.wake()
+        assert gen.generate(prompts, greedy).completion_ids == out1.completion_ids
+
+        full = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        gen.bucket_bytes = 256 * 1024  # several IPC buffers (the MLP weights travel alone)
+        gen.update_weights(full)
+        print(f"FIGURE engine-process full push (fp32, 256 KiB buckets): "
+              f"{gen.stats()['weight_sync_time'] * 1e3:.2f} ms, {int(gen.stats()['weight_sync_tensors'])} tensors")
+        out2 = gen.generate(prompts, greedy)
+        print(f"FIGURE engine-process greedy fp32 full: "
+              f"{assert_greedy_matches(full, prompts, out2.completion_ids, steps, eos)} tokens equal")
+    finally:
+        gen.close()
+    procs[0].join(10)
+    assert not procs[0].is_alive()  # close() ended the engine process (and so freed its GPU memory)
+
+
+def _training_like_step():
+    """A few fused-free layers forward/backward/AdamW: Python-dispatch heavy like a training step, ends in a sync."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    x = torch.randn(256, 1024, generator=g).cuda()
+
+    def step() -> None:
+        net(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    return step
+
+
+def _steps_per_second(step, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _generate_beside_training(gen, prompts, params, step) -> tuple[float, float]:
+    """Generation as the one-step-off-policy loop runs it (loop._generate_beside: background thread, own CUDA
+    stream) while this thread trains; returns (generation seconds, training steps per second meanwhile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastgrpo.loop import _generate_beside
+
+    run = types.SimpleNamespace(device=torch.device("cuda", 0), generator=gen, sampling=params,
+                                config=types.SimpleNamespace(async_generation=True))
+    with ThreadPoolExecutor(1) as pool:
+        n, t0 = 0, time.perf_counter()
+        future = pool.submit(_generate_beside, run, [types.SimpleNamespace(ids=p) for p in prompts])
+        while not future.done():
+            step()
+            n += 1
+        rate = n / (time.perf_counter() - t0)
+        out, seconds = future.result()
+    assert len(out.completion_ids) == len(prompts) * params.n
+    return seconds, rate
+
+
+@pytest.mark.gpu
+def test_engine_process_generation_timing_vs_in_process(model_dir):
+    """Both modes with CUDA graphs, bf16: a LoRA push (time, effect, same greedy tokens in both modes), then
+    recipe-shaped generation (128 completions x 512 tokens) alone, and in a background thread beside a
+    training-like loop in this thread (the one-step-off-policy layout)."""
+    _gpu_ready()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    lora = with_lora(load_hf(model_dir, torch.bfloat16), b_std=0.05)
+    greedy_prompts = [tok(t).input_ids for t in TEXTS]
+    greedy = SamplingParams(n=1, max_tokens=24, temperature=0.0)
+    prompts = [tok(t).input_ids for t in (TEXTS * 4)[:16]]
+    params = SamplingParams(n=8, max_tokens=512, temperature=1.0, extra={"ignore_eos": True})
+    step = _training_like_step()
+    step()
+    solo_rate = _steps_per_second(step, 2.0)
+    figures, greedy_after = {}, {}
+    for engine_process in (False, True):
+        gen = make_generator(model_dir, tok, bf16=True, engine_kwargs={}, vllm_engine_process=engine_process,
+                             per_device_train_batch_size=128, num_generations=8, max_completion_length=512)
+        try:
+            assert gen.engine_process == engine_process
+            before = gen.generate(greedy_prompts, greedy).completion_ids
+            pushes = []
+            for _ in range(3):
+                gen.update_weights(lora)
+                pushes.append(gen.stats()["weight_sync_time"])
+            greedy_after[engine_process] = gen.generate(greedy_prompts, greedy).completion_ids
+            assert greedy_after[engine_process] != before, "the LoRA push changed nothing"
+            out = gen.generate(prompts, params)  # warm-up
+            assert len(out.completion_ids) == 128
+            tokens = sum(len(c) for c in out.completion_ids)
+            alone = []
+            for _ in range(3):
+                gen.generate(prompts, params)
+                alone.append(gen.stats()["generation_time"])
+            beside, rate = _generate_beside_training(gen, prompts, params, step)
+            figures[engine_process] = (statistics.median(pushes), statistics.median(alone), beside, rate)
+        finally:
+            gen.close()
+    print(f"\nFIGURE training-like loop alone: {solo_rate:.1f} steps/s; generation batch: 128 completions, "
+          f"{tokens} tokens")
+    for engine_process, name in ((False, "in-process"), (True, "engine-process")):
+        push, alone, beside, rate = figures[engine_process]
+        print(f"FIGURE {name} LoRA push (bf16, CUDA graphs): {push * 1e3:.2f} ms (median of 3)")
+        print(f"FIGURE generate 128x512 {name}: {alone:.3f} s alone (median of 3), {beside:.3f} s beside training; "
+              f"training meanwhile at {rate:.1f} steps/s ({rate / solo_rate:.0%} of alone)")
+    (_, a0, b0, r0), (_, a1, b1, r1) = figures[False], figures[True]
+    print(f"FIGURE engine-process / in-process: generate alone {a1 / a0:.2f}x, beside training {b1 / b0:.2f}x, "
+          f"training beside generation {r1 / r0:.2f}x")
+    same = sum(x == y for a, b in zip(greedy_after[False], greedy_after[True]) for x, y in zip(a, b))
+    total = sum(len(a) for a in greedy_after[False])
+    print(f"FIGURE greedy after the same LoRA push, engine-process vs in-process (bf16): {same}/{total} tokens equal")

@@ -112,6 +112,7 @@ class GRPOTrainer:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
+        _gather_dispatched(self.model, self.device)
         self.model.to(self.device)
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs or {"use_reentrant": False})
@@ -363,6 +364,22 @@ def _load_model(model: Any, args: GRPOConfig, bf16: bool):
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"could not load model {model!r} ({type(e).__name__}: {str(e)[:200]}). Check the path or hub "
                           "id; without network, pass a local folder.") from e
+
+
+def _gather_dispatched(model, device) -> None:
+    """A model loaded with device_map="auto" may be split over several GPUs (and, under torchrun, every rank splits
+    it over all of them). Each rank trains a whole copy on its own device, so the dispatch hooks are removed."""
+    hooked = [m for m in model.modules() if hasattr(m, "_hf_hook")]
+    if not hooked:
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
+    remove_hook_from_module(model, recurse=True)
+    if len(devices) > 1:
+        warnings.warn(f"the model was dispatched over {devices} (device_map); fastgrpo trains a whole copy on {device} "
+                      "per process, so it was gathered there. Load it with device_map=None to skip the detour.")
 
 
 def _eos_ids(tokenizer, model) -> list[int]:

@@ -475,6 +475,9 @@ class VLLMServerGenerator(Generator):
             "top_k": params.top_k or 0, "min_p": params.min_p or 0.0, "repetition_penalty": params.repetition_penalty,
             "logprobs": 0,  # the sampled token's logprob only
             "detokenize": False,  # token ids in, token ids out: text is never used
+            # FINAL_ONLY: with n > 1 and the default (cumulative) kind, vLLM's last message holds only the samples
+            # that finished in the last engine step (v1/engine/parallel_sampling.py, get_outputs); seen on 2x H200
+            "output_kind": 2,
         }
         if params.seed is not None:
             sp["seed"] = params.seed + p * params.n

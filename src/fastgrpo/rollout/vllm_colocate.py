@@ -1,8 +1,9 @@
-"""vLLM inside the trainer process (one engine per rank, or per tensor-parallel group of ranks), for vLLM 0.26.
+"""vLLM on the trainer's GPU (one engine per rank, or per tensor-parallel group of ranks), for vLLM 0.26: inside the
+trainer process (default), or in an engine process of its own (`vllm_engine_process`, single process only; below).
 
 Choices, each checked against the vLLM 0.26 source:
 
-- Executor: `distributed_executor_backend="external_launcher"` always (as TRL's colocate mode). It runs the worker
+- Executor (in-process): `distributed_executor_backend="external_launcher"` (as TRL's colocate mode). It runs the worker
   in this process (no engine subprocess, so `llm.apply_model` reaches the real model) and takes the rank and device
   from RANK / LOCAL_RANK / WORLD_SIZE. Under torchrun, torch.distributed must already be initialised; the engine's
   TP groups are carved out of the trainer's world (TP=1: every rank is an independent engine). In a single process
@@ -12,7 +13,8 @@ Choices, each checked against the vLLM 0.26 source:
 - KV cache: `vllm_kv_cache_memory_bytes="auto"` reserves sequences x max_model_len x per-token KV bytes x 1.2,
   where sequences is one generation call on this rank (x TP size, since a TP group generates the group's prompts).
   vLLM still checks free memory >= gpu_memory_utilization x total at start even then, so that fraction is capped
-  at 90% of what is actually free. `None` falls back to `vllm_gpu_memory_utilization` and vLLM's profiler.
+  at 90% of what is actually free (engine process: less 1 GiB for the CUDA context it creates before it checks).
+  `None` falls back to `vllm_gpu_memory_utilization` and vLLM's profiler.
 - Sampling: prompts go in as token ids; `logprobs=0` returns the sampled token's logprob only, and
   `logprobs_mode="processed_logprobs"` makes it the logprob after temperature (and top-k/top-p/min-p masking), i.e.
   the distribution actually sampled from, which the trainer's temperature-scaled logprobs are compared against.
@@ -26,6 +28,37 @@ Choices, each checked against the vLLM 0.26 source:
   (q/v only) cannot restore. A weight push while asleep first wakes the "weights" allocation, since writing into
   unmapped memory crashes; `wake()` brings back the rest and resets the prefix cache.
 - vLLM reseeds Python/NumPy/torch global RNGs when it starts; the caller's RNG states are restored afterwards.
+
+Engine process (`vllm_engine_process=True`, one trainer process, tensor_parallel_size 1; otherwise the in-process
+design above is used, since under torchrun the engine must join the trainer's process group):
+
+- vLLM's default layout: VLLM_ENABLE_V1_MULTIPROCESSING=1 and the `uni` executor, i.e. the EngineCore (scheduler,
+  model runner, sampler) runs in its own process on the same GPU (device 0 of the inherited CUDA_VISIBLE_DEVICES)
+  and only request/output handling stays here, so the engine's CPU work no longer competes with the training
+  loop for this interpreter's GIL. vLLM reads the variable once, at construction (`LLMEngine.from_engine_args`);
+  it is set around `LLM(...)` and restored afterwards (the engine process has inherited it by then). vLLM's
+  environment cache is cleared first: an earlier in-process engine enables it (`EngineCore.__init__`), after which
+  a changed variable would be ignored.
+- Start method: `spawn` (forced by vLLM anyway once CUDA is initialised: `vllm/utils/system_utils.py`,
+  `_maybe_force_spawn`). vLLM starts the EngineCore with `get_mp_context().Process(target=EngineCoreProc.
+  run_engine_core)` (`vllm/v1/engine/utils.py`, `CoreEngineProcManager`), and a spawned child normally re-runs
+  the parent's main script as `__mp_main__` (`multiprocessing/spawn.py`, `get_preparation_data` records
+  `init_main_from_path`/`init_main_from_name`; `prepare` runs it). A script without an `if __name__ == "__main__"`
+  guard (examples/recipe.py) would load its data and model again in the engine process and die there trying to
+  start a second engine. During the construction the preparation data therefore leaves the main module out (as
+  for an interactive session); the engine process needs nothing from it (the payload is vLLM's config and the
+  worker extension, importable by name). Objects passed in `engine_kwargs` must then be importable, not defined
+  in the script.
+- SIGINT is blocked in the constructing thread while the engine process starts, so the engine process inherits a
+  blocked SIGINT: a Ctrl-C in the terminal reaches the trainer only, which finishes its step, saves a checkpoint and
+  then stops (the engine would otherwise shut itself down on the same signal and the step's weight push would
+  fail). The engine still stops on SIGTERM, which is what `close()` and vLLM's exit handler send.
+- Weights: pushed through CUDA IPC by `vllm_worker` (`collective_rpc` into the `WeightReceiver` worker
+  extension), one IPC buffer per 256 MB bucket; the prefix cache is reset afterwards as in-process.
+- Sleep, wake, generation and sampling parameters are the same calls (`LLM` forwards them to the engine process).
+- Trade-off: kernels of two processes time-slice on one GPU (no MPS) where two streams of one process may overlap;
+  what the one-step-off-policy mode gains from the separate interpreter is measured by
+  tests/test_vllm_colocate.py::test_engine_process_generation_timing_vs_in_process (and the benchmark).
 """
 
 from __future__ import annotations
@@ -35,6 +68,7 @@ import gc
 import math
 import os
 import random
+import signal
 import socket
 import time
 
@@ -48,6 +82,7 @@ __all__ = ["VLLMColocateGenerator", "kv_bytes_per_token", "auto_kv_cache_bytes",
 
 KV_HEADROOM = 1.2
 MIN_KV_BYTES = 64 * 1024**2
+ENGINE_PROCESS_CONTEXT_BYTES = 1024**3  # the engine process's own CUDA context, not yet allocated when we measure
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "auto": 2}
 
 
@@ -106,6 +141,64 @@ def _preserved_process_state(device: torch.device):
             torch.cuda.set_rng_state(cuda_state, device)
 
 
+@contextlib.contextmanager
+def _spawn_without_main():
+    """Processes spawned inside do not re-run the parent's `__main__` module (see the module docstring)."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def preparation_data(name):
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    spawn.get_preparation_data = preparation_data  # popen_spawn_posix looks it up at each start
+    try:
+        yield
+    finally:
+        spawn.get_preparation_data = original
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block SIGINT in this thread; children started inside inherit the blocked mask (kept across exec)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # The first spawn starts multiprocessing's resource tracker and then SIG_UNBLOCKs SIGINT in this thread
+    # (resource_tracker.ensure_running): start it before blocking, so that our block survives until the spawn.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _engine_process_launch():
+    """Environment for building an `LLM` whose EngineCore runs in its own (spawned) process."""
+    from vllm import envs
+
+    envs.disable_envs_cache()  # an earlier in-process engine cached VLLM_ENABLE_V1_MULTIPROCESSING=0
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD")}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # fork after CUDA initialisation is unusable
+    try:
+        with _spawn_without_main(), _sigint_blocked():
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
     """Logprob of each sampled token, from FlatLogprobs (sampled token first per position) or list[dict]."""
     if lps is None:
@@ -129,7 +222,8 @@ def _finish_reason(reason: str | None) -> str:
 
 
 class VLLMColocateGenerator(Generator):
-    """A vLLM 0.26 engine in this process, sampling from weights pushed by `update_weights`."""
+    """A vLLM 0.26 engine on this rank's GPU (in this process, or in its own with `engine_process`), sampling from
+    weights pushed by `update_weights`."""
 
     owns_weights = True
 
@@ -153,7 +247,13 @@ class VLLMColocateGenerator(Generator):
         self._sleeping: set[str] = set()
         if world_size % self.tp:
             raise ValueError(f"vllm_tensor_parallel_size={self.tp} must divide the number of processes ({world_size}).")
-        self.rank, self._owns_process_group = self._prepare_distributed_env(local_rank, world_size)
+        # Engine in its own process only where it needs no process group shared with the trainer.
+        self.engine_process = bool(config.vllm_engine_process) and world_size == 1 and self.tp == 1 and local_rank == 0
+        if self.engine_process:
+            self.rank, self._owns_process_group = 0, False
+            os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # as in-process (inherited by the engine)
+        else:
+            self.rank, self._owns_process_group = self._prepare_distributed_env(local_rank, world_size)
         self.device = torch.device("cuda", local_rank)
 
         from transformers import AutoConfig
@@ -188,17 +288,24 @@ class VLLMColocateGenerator(Generator):
             trust_remote_code=config.trust_remote_code,
             gpu_memory_utilization=config.vllm_gpu_memory_utilization,
         )
+        if self.engine_process:
+            from .vllm_worker import WORKER_EXTENSION
+
+            kwargs.update(distributed_executor_backend="uni", worker_extension_cls=WORKER_EXTENSION)
         kv = config.vllm_kv_cache_memory_bytes
         if kv == "auto":
             kv = auto_kv_cache_bytes(hf_config, num_seqs, max_model_len, _DTYPE_BYTES.get(str(dtype), 2), self.tp)
         if kv is not None:
             free, total = torch.cuda.mem_get_info(self.device)
+            # The engine process measures free memory after creating its own CUDA context: leave room for it.
+            usable = 0.9 * free - (ENGINE_PROCESS_CONTEXT_BYTES if self.engine_process else 0)
             kwargs["kv_cache_memory_bytes"] = int(kv)
-            kwargs["gpu_memory_utilization"] = max(0.01, min(config.vllm_gpu_memory_utilization, 0.9 * free / total))
+            kwargs["gpu_memory_utilization"] = max(0.01, min(config.vllm_gpu_memory_utilization, usable / total))
         kwargs.update(engine_kwargs or {})
         self.engine_kwargs = kwargs
 
-        with _preserved_process_state(self.device):
+        launch = _engine_process_launch() if self.engine_process else contextlib.nullcontext()
+        with _preserved_process_state(self.device), launch:
             self.llm = LLM(**kwargs)
 
         self._tp_group = None
@@ -310,8 +417,17 @@ class VLLMColocateGenerator(Generator):
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
             self._sleeping.discard("weights")
-        count = nbytes = 0
         weights = iter_sync_weights(model, only_changed=is_peft_model(model))
+        push = self._push_ipc if self.engine_process else self._push_in_process
+        count, nbytes = push(weights)
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        torch.cuda.synchronize(self.device)
+        self._stats.update(weight_sync_time=time.perf_counter() - t0, weight_sync_tensors=float(count),
+                           weight_sync_bytes=float(nbytes))
+
+    def _push_in_process(self, weights) -> tuple[int, int]:
+        """In-process engine: each bucket handed to the model's load_weights directly."""
+        count = nbytes = 0
         for bucket in bucketed(weights, self.bucket_bytes):
             bucket = [(name, t.to(self.device, non_blocking=True)) for name, t in bucket]
             loaded = self.llm.apply_model(lambda m, b=bucket: m.load_weights(b))
@@ -320,10 +436,26 @@ class VLLMColocateGenerator(Generator):
             count += len(bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             del bucket
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        torch.cuda.synchronize(self.device)
-        self._stats.update(weight_sync_time=time.perf_counter() - t0, weight_sync_tensors=float(count),
-                           weight_sync_bytes=float(nbytes))
+        return count, nbytes
+
+    def _push_ipc(self, weights) -> tuple[int, int]:
+        """Engine process: each bucket packed into one buffer on our GPU, opened by the engine through CUDA IPC."""
+        from .vllm_worker import RECEIVE_METHOD, cuda_ipc_payload, pack_bucket
+
+        count = nbytes = 0
+        for bucket in bucketed(weights, self.bucket_bytes):
+            packed = pack_bucket(bucket, self.device)
+            del bucket
+            torch.cuda.current_stream(self.device).synchronize()  # the buffer is complete before the engine reads it
+            loaded = self.llm.collective_rpc(RECEIVE_METHOD, args=(cuda_ipc_payload(packed),))
+            if not any(loaded):
+                names = [entry[0] for entry in packed.entries]
+                raise RuntimeError(f"vLLM loaded none of {names[:4]}...: names do not match.")
+            count += len(packed.entries)
+            nbytes += packed.tensor_bytes
+            del packed  # the engine has synchronised and dropped its mapping before answering
+        torch.cuda.ipc_collect()  # free anything torch still holds back for a consumer
+        return count, nbytes
 
     def sleep(self) -> None:
         if not self.config.vllm_enable_sleep_mode or self._sleeping or self.llm is None:
@@ -344,8 +476,10 @@ class VLLMColocateGenerator(Generator):
         if getattr(self, "llm", None) is None:
             return
         engine = self.llm.llm_engine
-        if self._owns_process_group:
-            engine.engine_core.shutdown()  # EngineCore.shutdown also destroys the 1-rank group vLLM created
+        if self.engine_process or self._owns_process_group:
+            # Engine process: MPClient.shutdown sends SIGTERM and joins (kills after 5 s), freeing its GPU memory.
+            # In-process: EngineCore.shutdown, which also destroys the 1-rank group vLLM created.
+            engine.engine_core.shutdown()
         else:
             # EngineCore.shutdown would destroy the trainer's process group: do its other steps only.
             from vllm import envs
