@@ -72,6 +72,20 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+_NUMERIC = {f.name for f in dataclasses.fields(GRPOConfig) if "int" in f.type or "float" in f.type}
+
+
+def _coerce_numbers(values: dict) -> None:
+    """YAML 1.1 reads `1e-5` (no dot) as a string; for numeric fields, a string that is a number becomes one."""
+    for key, value in values.items():
+        if key in _NUMERIC and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            values[key] = int(number) if number.is_integer() and "e" not in value.lower() and "." not in value else number
+
+
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> tuple[GRPOConfig, RunSpec]:
     """Read a YAML run config (and command-line overrides) into (GRPOConfig, RunSpec)."""
     values: dict = {}
@@ -94,6 +108,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
             hint = closest_name(key, list(FIELD_NAMES) + list(SPEC_KEYS))
             raise ConfigError(f"{path or 'command line'}: unknown field '{key}'."
                               + (f" Did you mean '{hint}'?" if hint else " Run `fastgrpo train --help-fields`."))
+    _coerce_numbers(values)
     if "model" not in spec_values:
         raise ConfigError(f"{path or 'command line'}: 'model' is missing (a hub id or a local folder).")
     ds = spec_values.get("dataset") or {}
