@@ -117,3 +117,19 @@ def content_reward(completions, **kwargs) -> list[float]:
     """Deterministic, content-dependent reward in [0, 1) (so groups have non-zero std and gradients flow)."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [(sum(map(ord, t)) % 13) / 13.0 for t in texts]
+
+
+@pytest.fixture
+def numina_folder(tmp_path):
+    """(model folder, dataset folder): a saved 2-layer char-tokenizer Qwen2 and NuminaMath-TIR-schema
+    train.jsonl/test.jsonl, as a recipe user passes them by path."""
+    from fastgrpo.testing import make_numina_like_dataset, save_tiny_model
+
+    def make(n_train: int = 24, n_test: int = 6) -> tuple[str, "os.PathLike"]:
+        model = save_tiny_model(str(tmp_path / "model"), tokenizer_kind="char", num_layers=2)
+        data = tmp_path / "data"
+        data.mkdir()
+        make_numina_like_dataset(str(data / "train.jsonl"), n=n_train, seed=0)
+        make_numina_like_dataset(str(data / "test.jsonl"), n=n_test, seed=1)
+        return model, data
+    return make

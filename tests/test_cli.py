@@ -5,15 +5,10 @@ import json
 import yaml
 
 from fastgrpo import cli
-from fastgrpo.testing import make_numina_like_dataset, save_tiny_model
 
 
-def test_train_then_eval_checkpoint(tmp_path, capsys):
-    model = save_tiny_model(str(tmp_path / "model"), tokenizer_kind="char", num_layers=2)
-    data = tmp_path / "data"
-    data.mkdir()
-    make_numina_like_dataset(str(data / "train.jsonl"), n=24, seed=0)
-    make_numina_like_dataset(str(data / "test.jsonl"), n=6, seed=1)
+def test_train_then_eval_checkpoint(tmp_path, capsys, numina_folder):
+    model, data = numina_folder(24, 6)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model": model, "dataset": {"path": str(data), "prompt_column": "problem", "system_prompt": "Think.",

@@ -285,11 +285,11 @@ def _log(run: Run, m: dict) -> bool:
     cfg, st = run.config, run.state
     step = st.global_step
     run.sink.write(step, m)
-    run.sink.advance()
     if (cfg.logging_first_step and step == 1) or step % max(int(cfg.logging_steps), 1) == 0 or step == st.max_steps:
         entry = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}, "step": step}
         st.log_history.append(entry)
         run.sink.report(step, m)
+    run.sink.advance()  # after report: the bar redraws with this step's metrics
     new_epoch = int(st.epoch) > run.epochs_done
     run.epochs_done = int(st.epoch)
     eval_due = (cfg.eval_strategy == "steps" and step % int(cfg.eval_steps or cfg.logging_steps) == 0) or \
