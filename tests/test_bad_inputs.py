@@ -421,3 +421,9 @@ def test_missing_checkpoint_paths(tmp_path):
     with pytest.raises(CheckpointError, match=r"resume_from_checkpoint=True but .*empty holds no complete "
                                               r"checkpoint-N folder"):
         _resume(tmp_path, True, output_dir=tmp_path / "empty")
+
+
+def test_vllm_temperature_limit():
+    with pytest.raises(ConfigError, match=r"temperature=2.5: vLLM samples with temperature <= 2.0"):
+        GRPOConfig(use_vllm=True, temperature=2.5)
+    assert GRPOConfig(use_vllm=False, temperature=2.5).temperature == 2.5

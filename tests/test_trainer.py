@@ -230,6 +230,7 @@ def test_interrupted_run_resumes_exactly(how, lora, tiny_model_factory, char_tok
     history = lambda t: [drop_timing(h) for h in t.state.log_history if "train_loss" not in h]  # noqa: E731
     assert history(a) == history(b2)
     assert b2.state.log_history[-1]["step"] == 4 and "train_loss" in b2.state.log_history[-1]
+    assert out_b["train_loss"] == out_a["train_loss"]  # the mean over all 4 steps, across the resume
 
 
 # ---------------------------------------------------------------------------------- (d) SIGKILL during a save

@@ -41,6 +41,7 @@ class TrainerState:
     skipped_updates: int = 0
     consecutive_nonfinite: int = 0
     total_tokens: int = 0
+    loss_sum: float = 0.0
     model_signature: dict = field(default_factory=dict)
     best_metric: float | None = None
 

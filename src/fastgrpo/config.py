@@ -387,6 +387,9 @@ def _validate(c: GRPOConfig) -> None:
         positive(name)
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
+    if c.use_vllm and c.temperature > 2.0:
+        raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
+                          "use_vllm=False to sample with transformers.")
     if not 0 < c.top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {c.top_p}.")
     if c.top_k is not None and c.top_k < 0:

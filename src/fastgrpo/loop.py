@@ -180,7 +180,7 @@ def train_loop(run: Run) -> dict[str, float]:
     step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
     pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
     pending: Future | None = None
-    loss_total, steps_done, t_start = 0.0, 0, time.perf_counter()
+    steps_done, t_start = 0, time.perf_counter()
     _install_signal_handlers(run)
     t_prev = time.perf_counter()  # step_time runs from one step's end to the next: waits and syncs included
     try:
@@ -227,7 +227,7 @@ def train_loop(run: Run) -> dict[str, float]:
                          **run.generator.stats(), "step_time": now - t_prev,
                          "tokens_per_second": round_tokens / max(now - t_round, 1e-9)}
                     t_prev, gen_time = now, 0.0
-                    loss_total += m["loss"]
+                    state.loss_sum += m["loss"]  # in the checkpoint: train_loss spans resumes too
                     steps_done += 1
                     save_due |= _log(run, m)
             if pending is not None:                           # wait for round k+1, then give it the new weights
@@ -244,7 +244,7 @@ def train_loop(run: Run) -> dict[str, float]:
             pool.shutdown(wait=True)
         _restore_signal_handlers(run)
     runtime = time.perf_counter() - t_start
-    return {"train_runtime": runtime, "train_loss": loss_total / max(steps_done, 1),
+    return {"train_runtime": runtime, "train_loss": state.loss_sum / max(state.global_step, 1),
             "train_steps_per_second": steps_done / max(runtime, 1e-9), "total_flos": 0.0}
 
 
