@@ -138,7 +138,7 @@ def fixed_rollout(config: GRPOConfig, seed: int, old_shift: float):
 
     r = B.Rollout(
         prompts=[Prompt(i, "p", prompt_ids[i], {}) for i in range(N)], prompt_ids=prompt_ids,
-        completion_ids=completion_ids, completions_text=["x"] * N, gen_logprobs=None, truncated=truncated,
+        completion_ids=completion_ids, gen_logprobs=None, truncated=truncated,
         rewards_per_func=adv[:, None].clone(), rewards=adv.clone(), advantages=adv, group_std=torch.ones(N),
         loss_lengths=loss_lengths, weights=weights)
     return r, noise

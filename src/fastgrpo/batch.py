@@ -29,7 +29,6 @@ class Rollout:
     prompts: list[Prompt]               # [P]
     prompt_ids: list[list[int]]         # [N] ragged (each prompt repeated num_generations times)
     completion_ids: list[list[int]]     # [N] ragged
-    completions_text: list[str]         # [N]
     gen_logprobs: list[list[float]] | None  # [N] ragged generator logprobs, or None
     truncated: torch.Tensor             # [N] bool, hit max_completion_length
     rewards_per_func: torch.Tensor      # [N, F] NaN where a function returned None
@@ -64,7 +63,6 @@ def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_func
                   reward_weights: torch.Tensor, config, plan, d: Dist, trainer_state=None) -> Rollout:
     G = config.num_generations
     kwargs, N = _decode_kwargs(prompts, gen, tokenizer, G, trainer_state)
-    texts = [c[0]["content"] if isinstance(c, list) else c for c in kwargs["completions"]]
     expanded = [p for p in prompts for _ in range(G)]
     per_func, failures = score(reward_funcs, kwargs, N, config.reward_timeout, config.reward_error)
     rewards = adv_fns.combine_rewards(per_func, reward_weights)
@@ -76,7 +74,7 @@ def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_func
     total_tokens = float(all_reduce_sum(loss_lengths.sum().clone(), d))
     weights = L.sequence_weights(loss_lengths, config.loss_type, plan.micro_batch, plan.grad_accum,
                                  plan.steps_per_generation, config.max_completion_length, total_tokens, d.world_size)
-    return Rollout(prompts, [p.ids for p in expanded], gen.completion_ids, texts, gen.logprobs, truncated, per_func,
+    return Rollout(prompts, [p.ids for p in expanded], gen.completion_ids, gen.logprobs, truncated, per_func,
                    rewards, advantages, group_std, loss_lengths, weights, failures)
 
 
@@ -108,10 +106,10 @@ def _ragged(values: list[list[float]] | list[torch.Tensor], idx: list[int], rows
 
 
 @torch.no_grad()
-def precompute_logprobs(model, r: Rollout, passes: list[list[int]], config, pad_id: int, device, autocast,
-                        reference: bool) -> list[torch.Tensor]:
-    """Per-sequence logprobs under the current weights (reference=False) or with adapters off / the reference
-    model (reference=True: `model` is then the context manager's target)."""
+def precompute_logprobs(model, r: Rollout, passes: list[list[int]], config, pad_id: int, device,
+                        autocast) -> list[torch.Tensor]:
+    """Per-sequence logprobs of the round under `model` as it is now (the current policy, or the reference: the
+    caller disables the adapters or passes the reference model)."""
     out: list[torch.Tensor | None] = [None] * len(r)
     for idx in passes:
         rows = Rows.build([r.prompt_ids[i] for i in idx], [r.completion_ids[i] for i in idx], pad_id, device)

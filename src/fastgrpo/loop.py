@@ -116,11 +116,11 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     passes = B.plan_passes(all_idx, plan.micro_batch, run.token_budget, lengths)
     with timer("logprob_time"):
         if plan.steps_per_generation * plan.num_iterations > plan.grad_accum:
-            r.old_logprobs = B.precompute_logprobs(run.model, r, passes, cfg, run.pad_id, run.device, run.autocast, False)
+            r.old_logprobs = B.precompute_logprobs(run.model, r, passes, cfg, run.pad_id, run.device, run.autocast)
         if cfg.beta != 0.0:
             target, ctx = _reference_context(run)
             with ctx:
-                r.ref_logprobs = B.precompute_logprobs(target, r, passes, cfg, run.pad_id, run.device, run.autocast, True)
+                r.ref_logprobs = B.precompute_logprobs(target, r, passes, cfg, run.pad_id, run.device, run.autocast)
     return r
 
 

@@ -252,7 +252,7 @@ def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | No
             results[j] = e
     for j, f in enumerate(funcs):
         r = results[j]
-        if isinstance(r, (asyncio.TimeoutError, TimeoutError)) or isinstance(r, Exception):
+        if isinstance(r, Exception):  # timeouts included
             if on_error == "zero":
                 out[:, j] = 0.0
                 failures += 1

@@ -36,7 +36,7 @@ def make_generator(model, model_path: str | None, tokenizer, config, eos_ids: li
         warnings.warn(f"use_vllm=True but {missing} is not available: generating with transformers instead "
                       "(slower, same training).", stacklevel=2)
     own_copy = config.async_generation
-    batch = max(config.per_device_train_batch_size * (config.steps_per_generation or config.gradient_accumulation_steps), 1)
+    batch = config.batch_plan(world_size).completions_per_rank  # one round per generate call
     return HFGenerator(model, eos_ids, pad_id, batch_size=batch, own_copy=own_copy, dtype=dtype)
 
 
