@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fastgrpo import bench
+from fastgrpo import bench, bench_server
 
 
 def _args(*argv: str):
@@ -55,6 +55,35 @@ def test_recipe_config_per_framework():
     trl = bench.recipe_config(dict(cell, mode="novllm"), "trl", cuda=True)
     assert "max_prompt_length" not in trl and "async_generation" not in trl and not trl["use_vllm"]
     assert (trl["save_strategy"], trl["report_to"], trl["logging_steps"]) == ("no", "none", 1)
+
+
+def test_server_modes_grid_config_and_commands():
+    only = bench.parse_grid(_args("--only", "fastgrpo-server,trl-server,fastgrpo-server-async,trl-server-async",
+                                  "--num-generations", "8", "--max-completion-length", "512"))
+    assert [c["mode"] for c in only] == ["server", "server", "server-async", "server-async"]
+    cell = dict(only[2], server_port=8123, group_port=51999)
+    c = bench.recipe_config(cell, "fastgrpo", cuda=True)
+    assert (c["vllm_mode"], c["async_generation"], c["vllm_server_port"], c["vllm_group_port"]) == ("server", True, 8123, 51999)
+    trl = bench.recipe_config(dict(only[1], server_port=8124, group_port=52000), "trl", cuda=True)
+    assert (trl["vllm_mode"], trl["vllm_server_host"], trl["vllm_server_port"]) == ("server", "127.0.0.1", 8124)
+    assert bench.recipe_config(only[0], "fastgrpo", cuda=True)["async_generation"] is False
+    # each framework's own launcher, same memory and context length
+    ours = bench_server.server_command("fastgrpo", "/m", 8123, 0.9, 1024)
+    theirs = bench_server.server_command("trl", "/m", 8124, 0.9, 1024)
+    assert ours[1:4] == ["-m", "fastgrpo.cli", "vllm-serve"] and theirs[1:3] == ["-m", "trl.scripts.vllm_serve"]
+    flags = ["--model", "/m", "--host", "127.0.0.1", "--port", "{}", "--gpu-memory-utilization", "0.9",
+             "--max-model-len", "1024"]
+    assert ours[4:] == [f.format(8123) for f in flags] and theirs[3:] == [f.format(8124) for f in flags]
+
+
+def test_server_that_dies_fails_the_cell_with_its_log(tmp_path):
+    """No vLLM on this machine: the launched server exits at once and the cell says so (with the log's tail) instead
+    of waiting for the start-up timeout."""
+    spec = {"framework": "fastgrpo", "model": str(tmp_path / "no-model"), "out_dir": str(tmp_path), "server_gpus": ""}
+    with pytest.raises(RuntimeError, match="exited with code"):
+        with bench_server.serving(spec, 1024):
+            pass
+    assert (tmp_path / "server.log").exists()
 
 
 def test_step_stats_leaves_out_the_first_step():

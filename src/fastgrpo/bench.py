@@ -12,7 +12,8 @@ v_proj; learning_rate 1e-5; 128 completions per optimizer step for every G (per_
 gradient_accumulation_steps 16); fastgrpo.rewards' format + accuracy rewards; bf16 on GPU; report_to none;
 save_strategy no; logging_steps 1; max_prompt_length 512 for fastgrpo only (TRL 1.16 dropped it). Modes:
 colocate (vLLM in the trainer process, vllm_gpu_memory_utilization 0.3), novllm (transformers generate), async
-(fastgrpo only: colocate + async_generation, one-step off-policy). Everything else is each framework's default,
+(fastgrpo only: colocate + async_generation, one-step off-policy), server and server-async (a vLLM server on
+--server-gpus, the trainer on --trainer-gpus; TRL's server-async is its AsyncGRPOTrainer: fastgrpo.bench_server). Everything else is each framework's default,
 recorded per cell (TRL's gradient_checkpointing=True is kept: it is what TRL users get). Random weights make
 completions run to L tokens in both frameworks.
 
@@ -48,7 +49,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,8 +57,11 @@ import time
 import traceback
 from pathlib import Path
 
+from .bench_server import free_port
+
 RESULT_MARK = "BENCH_RESULT "
-FRAMEWORKS, MODES = ("fastgrpo", "trl"), ("colocate", "async", "novllm")
+FRAMEWORKS, MODES = ("fastgrpo", "trl"), ("colocate", "async", "novllm", "server", "server-async")
+SERVER_MODES = ("server", "server-async")
 CELL_KEYS = ("framework", "mode", "G", "L", "steps")
 MAX_PROMPT_LENGTH = 512
 SYSTEM_PROMPT = (  # verbatim from examples/recipe.py
@@ -117,10 +120,14 @@ def recipe_config(spec: dict, framework: str, cuda: bool) -> dict:
              per_device_train_batch_size=spec["per_device_batch"],
              gradient_accumulation_steps=spec["completions_per_step"] // spec["per_device_batch"],
              max_completion_length=spec["L"], num_generations=spec["G"], use_vllm=spec["mode"] != "novllm",
-             vllm_mode="colocate", vllm_gpu_memory_utilization=spec["gpu_memory_utilization"], bf16=cuda,
+             vllm_mode="server" if spec["mode"] in SERVER_MODES else "colocate",
+             vllm_gpu_memory_utilization=spec["gpu_memory_utilization"], bf16=cuda,
              report_to="none", save_strategy="no", logging_steps=1, max_steps=spec["steps"])
+    if spec.get("server_port"):
+        c.update(vllm_server_host="127.0.0.1", vllm_server_port=spec["server_port"],
+                 vllm_group_port=spec["group_port"])
     if framework == "fastgrpo":
-        c.update(max_prompt_length=MAX_PROMPT_LENGTH, async_generation=spec["mode"] == "async")
+        c.update(max_prompt_length=MAX_PROMPT_LENGTH, async_generation=spec["mode"] in ("async", "server-async"))
     return {**c, **(spec.get("extra") or {})}
 
 
@@ -281,6 +288,19 @@ def _run_vllm(spec: dict, clock: StepClock, cuda: bool) -> dict:
                        "gpu_memory_utilization": util, "max_model_len": MAX_PROMPT_LENGTH + length}}
 
 
+def _run_with_server(spec: dict, clock: StepClock, cuda: bool) -> dict:
+    from .bench_server import run_trl_async, serving
+
+    with serving(spec, MAX_PROMPT_LENGTH + spec["L"]) as (port, group_port, ready_s):
+        spec = dict(spec, server_port=port, group_port=group_port)
+        if (spec["framework"], spec["mode"]) == ("trl", "server-async"):
+            out = run_trl_async(spec, clock, cuda, recipe_config(spec, "trl", cuda), _trainer_kwargs(spec))
+        else:
+            out = {"fastgrpo": _run_fastgrpo, "trl": _run_trl}[spec["framework"]](spec, clock, cuda)
+    out["server_ready_s"], out["server_gpus"] = ready_s, spec.get("server_gpus")
+    return out
+
+
 def worker(spec: dict) -> dict:
     """Run one cell in this process; returns its result, errors included (never raised)."""
     import torch
@@ -290,7 +310,10 @@ def worker(spec: dict) -> dict:
            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "completions_per_step": spec["completions_per_step"]}
     clock, t0 = StepClock(spec["out_dir"]), time.perf_counter()
     try:
-        out.update({"fastgrpo": _run_fastgrpo, "trl": _run_trl, "vllm": _run_vllm}[spec["framework"]](spec, clock, cuda))
+        if spec["mode"] in SERVER_MODES:
+            out.update(_run_with_server(spec, clock, cuda))
+        else:
+            out.update({"fastgrpo": _run_fastgrpo, "trl": _run_trl, "vllm": _run_vllm}[spec["framework"]](spec, clock, cuda))
     except BaseException as e:  # noqa: BLE001 - a failed cell reports; the grid goes on
         out["error"] = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
         out["traceback"] = traceback.format_exc()[-3000:]
@@ -301,28 +324,23 @@ def worker(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the parent
-def gpu_used_mib() -> float | None:
-    """Memory used on all GPUs (MiB) according to nvidia-smi; None without one."""
+def gpu_used_mib(gpus: str | None = None) -> float | None:
+    """Memory used on the GPUs `gpus` ("0,1"; default: all) according to nvidia-smi (MiB); None without one."""
     try:
-        p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                            *([f"--id={gpus}"] if gpus else [])],
                            capture_output=True, text=True, timeout=10)
         return sum(float(x) for x in p.stdout.split()) if p.returncode == 0 and p.stdout.strip() else None
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
 
-def _sample_peak(stop: threading.Event, peak: list) -> None:
+def _sample_peak(stop: threading.Event, peak: list, gpus: str | None) -> None:
     while not stop.wait(0.25):
-        used = gpu_used_mib()
+        used = gpu_used_mib(gpus)
         if used is None:
             return
         peak[0] = max(peak[0] or 0.0, used)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cell(spec: dict, timeout: float) -> dict:
@@ -333,11 +351,15 @@ def run_cell(spec: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    gpus = env.get("CUDA_VISIBLE_DEVICES")  # the cell's GPUs, so that cells on other GPUs do not count
+    if spec["mode"] in SERVER_MODES:
+        env["CUDA_VISIBLE_DEVICES"] = spec["trainer_gpus"]
+        gpus = f"{spec['trainer_gpus']},{spec['server_gpus']}"
     if spec["framework"] == "trl" and spec["mode"] == "colocate":  # TRL's colocated vLLM expects a launcher's env
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    base, peak, stop, error = gpu_used_mib(), [None], threading.Event(), None
-    sampler = threading.Thread(target=_sample_peak, args=(stop, peak), daemon=True)
+    base, peak, stop, error = gpu_used_mib(gpus), [None], threading.Event(), None
+    sampler = threading.Thread(target=_sample_peak, args=(stop, peak, gpus), daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -353,7 +375,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
     stop.set()
     sampler.join(5)
     for _ in range(40):  # let the driver take the memory back before the next cell's baseline
-        now = gpu_used_mib()
+        now = gpu_used_mib(gpus)
         if now is None or base is None or now - base < 512:
             break
         time.sleep(0.5)
@@ -396,9 +418,10 @@ def ensure_inputs(args) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ table and chart
-SERIES = [("fastgrpo", "colocate"), ("fastgrpo", "async"), ("fastgrpo", "novllm"), ("trl", "colocate"),
-          ("trl", "novllm"), ("vllm", "alone")]
-COLORS = ["#1f77b4", "#17becf", "#9ecae1", "#d62728", "#ff9896"]
+SERIES = [("fastgrpo", "colocate"), ("fastgrpo", "async"), ("fastgrpo", "novllm"), ("fastgrpo", "server"),
+          ("fastgrpo", "server-async"), ("trl", "colocate"), ("trl", "novllm"), ("trl", "server"),
+          ("trl", "server-async"), ("vllm", "alone")]
+COLORS = ["#1f77b4", "#17becf", "#9ecae1", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#ff7f0e", "#ffbb78"]
 
 
 def _order(r: dict) -> tuple:
@@ -429,6 +452,8 @@ def summarize(results: list[dict]) -> str:
                                                    f"{_f(sp.get('train'), '{:.1f}')} / {_f(sp.get('other'), '{:.1f}')}")
         mem = _f(r.get("gpu_peak_used_gib"), "{:.1f}") + _f(r.get("torch_peak_reserved_gib"), " ({:.1f})").replace("—", "")
         ref = trl.get(("colocate" if r["mode"] == "async" else r["mode"], r["G"], r["L"]))
+        if r["framework"] == "trl" and r["mode"] == "server-async":
+            notes.append("AsyncGRPOTrainer")
         vl, ours = vllm.get((r["G"], r["L"])), r["framework"] != "vllm" and s
         lines.append("| " + " | ".join([
             r["framework"], r["mode"], str(r["G"]), str(r["L"]), _f(s), _f(r.get("it_per_s"), "{:.3f}"),
@@ -513,13 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", help="NuminaMath-TIR-schema JSONL (default: 512 generated rows in --workdir)")
     a("--workdir", default="outputs/bench-work", help="where the default model and data are built, and reused")
     a("--frameworks", default="fastgrpo,trl")
-    a("--modes", default="colocate,novllm", help="colocate, novllm, async (fastgrpo only)")
+    a("--modes", default="colocate,novllm", help="colocate, novllm, async (fastgrpo only), server, server-async "
+      "(2+ GPUs; TRL's server-async is AsyncGRPOTrainer)")
     a("--num-generations", default="4,8,16")
     a("--max-completion-length", default="256,512,1024")
     a("--steps", type=int, default=12, help="optimizer steps per cell; the first is left out of the median")
     a("--completions-per-step", type=int, default=128, help="per_device_batch x gradient_accumulation_steps")
     a("--per-device-batch", type=int, default=8)
-    a("--gpu-memory-utilization", type=float, default=0.3)
+    a("--gpu-memory-utilization", type=float, default=0.3, help="colocate modes: the fraction vLLM may take")
+    a("--server-gpus", default="1", help="server modes: CUDA_VISIBLE_DEVICES of the vLLM server")
+    a("--trainer-gpus", default="0", help="server modes: CUDA_VISIBLE_DEVICES of the trainer")
+    a("--server-gpu-memory-utilization", type=float, default=0.9, help="server modes (TRL's vllm-serve default)")
     a("--vllm-alone", action="store_true", help="also time vllm.LLM alone generating one step's tokens")
     a("--only", help="comma list of framework-mode cells to run, in this order (e.g. trl-colocate,fastgrpo-async,"
       "vllm-alone); overrides --frameworks/--modes/--vllm-alone")
@@ -560,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(key, {**{k: cell[k] for k in CELL_KEYS}, "key": key, "error": "not run: --budget used up"})
             continue
         print(f"[bench] {n}/{len(cells)} {key} ...", flush=True)
-        spec = dict(cell, model=model, data=data, out_dir=str((out / "cells" / key).resolve()))
+        spec = dict(cell, model=model, data=data, out_dir=str((out / "cells" / key).resolve()),
+                    server_gpus=args.server_gpus, trainer_gpus=args.trainer_gpus,
+                    server_gpu_memory_utilization=args.server_gpu_memory_utilization)
         r = results[key] = run_cell(spec, args.timeout_per_cell if left is None else min(args.timeout_per_cell, left))
         print(f"[bench] {key}: {_f(r.get('s_per_step'))} s/step ({r['cell_wall_s']:.0f} s)"
               + (f" ERROR {r['error']}" if r.get("error") else ""), flush=True)
