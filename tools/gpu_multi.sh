@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Multi-GPU runs for issues 7 and 9 on a 4-GPU host (bundle in /tmp/site):  bash tools/gpu_multi.sh PHASE OUT_DIR
+# Every run has its own time limit so the phase ends inside one device call; results go to $R (tarred into OUT).
+#  phase 1 (issue 7, server mode; two lanes at once on disjoint GPU pairs of the same host):
+#    lane A: GPU 0 trainer + GPU 1 `fastgrpo vllm-serve`: fastgrpo server (sync) and server-async cells, then
+#            torchrun 2 ranks, full fine-tuning (FSDP2), colocate, 3 steps (a correctness run, not a timing);
+#    lane B: GPU 2 trainer + GPU 3 `trl vllm-serve`: TRL 1.16 GRPOTrainer server mode and AsyncGRPOTrainer cells.
+#  phase 2 (issue 7, data parallel): lane A: torchrun 2 ranks colocate on GPUs 0,1 (the recipe's script);
+#    lane B: the same script on 1 GPU (GPU 2), then a full-weight NCCL push to a server (GPU 2 -> GPU 3).
+#  phase 3 (issue 9): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
+set -u
+phase=$1; out=${2:-/tmp/out}; steps=${STEPS:-11}; R=/tmp/res/phase$phase; mkdir -p "$out" "$R"
+repo=$PWD
+export PYTHONPATH=/tmp/site:$repo/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+finish() { cp "$R"/*.txt "$out"/ 2>/dev/null; tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null; }
+trap finish EXIT
+{ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+  python -c "import vllm, torch, transformers, peft, trl; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
+} > "$R/gpu.txt" 2>&1
+python tools/gpu_prepare.py /tmp/assets 2>&1 | tail -1
+python tools/make_trl_recipe.py /tmp/trl_recipe.py
+bench() { python -m fastgrpo.bench --model /tmp/assets/model --data /tmp/assets/data/train.jsonl --num-generations 8 \
+            --max-completion-length 512 --steps "$steps" "$@"; }
+# recipe NAME GPUS TIMEOUT EXTRA_JSON LAUNCH...: the recipe's script (fastgrpo; TRL when LAUNCH runs /tmp/trl_recipe.py)
+recipe() {
+  local name=$1 gpus=$2 limit=$3 extra=$4; shift 4
+  rm -rf /tmp/run-$name
+  ( cd /tmp && export CUDA_VISIBLE_DEVICES=$gpus MODEL_ID=/tmp/assets/model DATASET_ID=/tmp/assets/data \
+      OUTPUT_DIR=/tmp/run-$name \
+      EXTRA_ARGS="{\"max_steps\": $steps, \"save_steps\": 1000, \"logging_steps\": 1, \"report_to\": \"none\", \"push_to_hub\": false${extra}}"
+    timeout "$limit" "$@" 2>&1 | python "$repo/tools/stamp.py" > "$R/$name.log"
+    echo "$name: exit ${PIPESTATUS[0]}" | tee -a "$R/summary.txt" )
+  cp /tmp/run-$name/metrics.jsonl "$R/$name.jsonl" 2>/dev/null
+}
+summary() {  # summary NAME COMPLETIONS_PER_STEP (fastgrpo metrics.jsonl when present, else the stamped log)
+  local f="$R/$1.jsonl"; [ -f "$f" ] || f="$R/$1.log"
+  python tools/steps_summary.py "$f" "$2" "$1" | tee -a "$R/summary.txt"
+}
+serve() {  # serve GPU PORT LAUNCHER... : start a server on GPU, wait for /health (max 240 s)
+  local gpu=$1 port=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu VLLM_SERVER_DEV_MODE=1 "$@" --model /tmp/assets/model --port "$port" \
+    --gpu-memory-utilization 0.9 --max-model-len 1024 > "$R/server-$port.log" 2>&1 &
+  server_pid=$!
+  for i in $(seq 1 240); do curl -sf 127.0.0.1:$port/health >/dev/null && break; sleep 1; done
+  echo "server :$port up after ${i} s"
+}
+
+case $phase in
+0)  # CPU smoke of the helpers above (tiny model in /tmp/assets/model): bash tools/gpu_multi.sh 0 /tmp/out
+  small=', "use_vllm": false, "bf16": false, "gradient_accumulation_steps": 2, "max_completion_length": 16'
+  recipe one "" 300 "$small" python "$repo/examples/recipe.py"
+  recipe trlone "" 300 "$small, \"use_cpu\": true" python /tmp/trl_recipe.py
+  summary one 16; summary trlone 16
+  ;;
+1)
+  ( bench --only fastgrpo-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget 360 --out "$R/bench-a" \
+      > "$R/lane-a.txt" 2>&1
+    cat > /tmp/full-ft.yaml <<'YAML'
+model: /tmp/assets/model
+dataset: {path: /tmp/assets/data, split: "train", prompt_column: problem}
+rewards: [format, accuracy]
+output_dir: /tmp/run-fsdp2
+max_steps: 3
+num_generations: 8
+max_completion_length: 256
+gradient_accumulation_steps: 4
+learning_rate: 1.0e-6
+bf16: true
+use_vllm: true
+vllm_mode: colocate
+save_steps: 3
+logging_steps: 1
+report_to: none
+YAML
+    rm -rf /tmp/run-fsdp2
+    CUDA_VISIBLE_DEVICES=0,1 timeout 150 torchrun --nproc_per_node 2 --master_port 29611 -m fastgrpo.cli train \
+      /tmp/full-ft.yaml > "$R/fsdp2.log" 2>&1
+    echo "fsdp2 full fine-tuning, 2 ranks: exit $?; checkpoints: $(ls /tmp/run-fsdp2 2>/dev/null | tr '\n' ' ')" >> "$R/lane-a.txt"
+    cp /tmp/run-fsdp2/metrics.jsonl "$R/fsdp2.jsonl" 2>/dev/null ) &
+  a=$!
+  bench --only trl-server,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 470 --out "$R/bench-b" \
+    > "$R/lane-b.txt" 2>&1
+  wait $a
+  python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"; tail -2 "$R/lane-a.txt"
+  ;;
+2)
+  recipe ddp2 0,1 230 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
+  a=$!
+  recipe one 2 150 "" python "$repo/examples/recipe.py"
+  SERVER_GPUS=3 CUDA_VISIBLE_DEVICES=2 timeout 150 python tools/gpu_sync_full.py /tmp/assets/model "$R/sync" \
+    > "$R/sync.log" 2>&1; grep SYNC_FULL "$R/sync.log" | tee "$R/sync.txt"
+  wait $a
+  summary one 128; summary ddp2 256
+  ;;
+3)
+  serve 3 8301 python -m fastgrpo.cli vllm-serve
+  recipe srv3 0,1,2 200 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8301" \
+    torchrun --nproc_per_node 3 --master_port 29613 "$repo/examples/recipe.py"
+  kill $server_pid; sleep 5
+  serve 3 8302 python -m trl.scripts.vllm_serve
+  recipe trlsrv3 0,1,2 220 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8302, \"vllm_server_host\": \"127.0.0.1\"" \
+    torchrun --nproc_per_node 3 --master_port 29614 /tmp/trl_recipe.py
+  kill $server_pid
+  summary srv3 384; summary trlsrv3 384
+  ;;
+esac
