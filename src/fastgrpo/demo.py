@@ -33,6 +33,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -222,21 +223,65 @@ def evaluate(model, tokenizer, eval_rows: list[dict], seed: int, batch_size: int
     return EvalResult(sum(acc) / n, sum(fmt) / n, sum(lengths) / n, texts)
 
 
+# ------------------------------------------------------------------------------------------------ warm start
+@dataclass(slots=True)
+class WarmStart:
+    """What the GRPO phase starts from: the task's data, the tokenizer, the warmed-up model and its held-out score."""
+
+    tokenizer: Any
+    model: torch.nn.Module
+    train_pairs: list[tuple[int, int]]
+    dev_rows: list[dict]
+    test_rows: list[dict]        # held-out problems (the first args.eval_problems test pairs)
+    grpo_rows: list[dict]        # GRPO's training prompts
+    eval_seed: int               # sampling seed of every held-out evaluation: before and after see the same draws
+    warm: WarmupResult | None = None
+    before: EvalResult | None = None   # held-out score of `model` after the warm-up
+
+    def held_out(self, model) -> EvalResult:
+        """The before/after measurement: the same held-out problems, sampled with the same seed every time."""
+        return evaluate(model, self.tokenizer, self.test_rows, seed=self.eval_seed)
+
+
+def warm_start(args: argparse.Namespace, log=print) -> WarmStart:
+    """Seeds, tokenizer, data, a fresh model, the supervised warm-up and the held-out evaluation before GRPO."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = build_demo_tokenizer()
+    train_pairs, dev_pairs, test_pairs = split_pairs()
+    dev_rows, test_rows = rows(dev_pairs, seed=1), rows(test_pairs[:args.eval_problems], seed=2)
+    grpo_rows = rows(train_pairs, seed=args.seed + 3)
+    model = build_model(tokenizer, args.seed)
+    start = WarmStart(tokenizer, model, train_pairs, dev_rows, test_rows, grpo_rows, eval_seed=args.seed + 10_000)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"fastgrpo demo: Qwen2 {model.config.num_hidden_layers}x{model.config.hidden_size} ({n_params / 1e6:.1f}M "
+        f"parameters, {len(tokenizer)}-token vocabulary), {args.threads} CPU threads, seed {args.seed}")
+
+    log(f"1/3 supervised warm-up until dev accuracy >= {args.target_accuracy:.0%} (at most {args.warmup_steps} steps)")
+    start.warm = warm_up(model, tokenizer, train_pairs, start.dev_rows, args, log=log)
+    start.before = start.held_out(model)
+    log(f"held-out before GRPO: accuracy {start.before.accuracy:.0%}, format {start.before.format_rate:.0%}")
+    return start
+
+
 # -------------------------------------------------------------------------------------------------- GRPO phase
-def run_grpo(model, tokenizer, train_rows: list[dict], args):
-    """The RL phase through the public API, as the recipe runs it (format + accuracy rewards, group advantages)."""
+def run_grpo(model, tokenizer, train_rows: list[dict], args, **overrides):
+    """The RL phase through the public API, as the recipe runs it (format + accuracy rewards, group advantages).
+    `overrides`: GRPOConfig fields that replace the demo's (e.g. async_generation=True, output_dir=...)."""
     from datasets import Dataset
 
     from fastgrpo import GRPOConfig, GRPOTrainer
     from fastgrpo.rewards import accuracy_reward, format_reward
 
-    config = GRPOConfig(
+    fields = dict(
         output_dir=args.output_dir, seed=args.seed, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", per_device_train_batch_size=args.prompts * args.generations,
         num_generations=args.generations, max_completion_length=MAX_COMPLETION, max_prompt_length=None,
         temperature=1.0, top_k=0, beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
         torch_threads=args.threads, bf16=False, disable_tqdm=args.quiet,
     )
+    config = GRPOConfig(**{**fields, **overrides})
     peft_config = None
     if args.lora:
         from peft import LoraConfig
@@ -354,35 +399,20 @@ def main(argv=None) -> int:
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Warm-up, held-out evaluation, GRPO, evaluation again, then the table, plot and summary; returns the summary."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     t0 = time.time()
-
-    tokenizer = build_demo_tokenizer()
-    train_pairs, dev_pairs, test_pairs = split_pairs()
-    dev_rows, test_rows = rows(dev_pairs, seed=1), rows(test_pairs[:args.eval_problems], seed=2)
-    grpo_rows = rows(train_pairs, seed=args.seed + 3)
-    model = build_model(tokenizer, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"fastgrpo demo: Qwen2 {model.config.num_hidden_layers}x{model.config.hidden_size} ({n_params / 1e6:.1f}M "
-        f"parameters, {len(tokenizer)}-token vocabulary), {args.threads} CPU threads, seed {args.seed}")
-
-    log(f"1/3 supervised warm-up until dev accuracy >= {args.target_accuracy:.0%} (at most {args.warmup_steps} steps)")
-    warm = warm_up(model, tokenizer, train_pairs, dev_rows, args, log=log)
-    before = evaluate(model, tokenizer, test_rows, seed=args.seed + 10_000)
-    log(f"held-out before GRPO: accuracy {before.accuracy:.0%}, format {before.format_rate:.0%}")
+    start = warm_start(args, log=log)
+    warm, before = start.warm, start.before
 
     log(f"2/3 GRPO: {args.steps} steps of {args.prompts} prompts x {args.generations} completions, lr {args.lr:g}")
     t_grpo = time.time()
-    trainer = run_grpo(model, tokenizer, grpo_rows, args)
+    trainer = run_grpo(start.model, start.tokenizer, start.grpo_rows, args)
     grpo_seconds = time.time() - t_grpo
-    model = getattr(trainer, "model", model)
+    model = getattr(trainer, "model", start.model)
 
     log("3/3 held-out evaluation after GRPO")
-    after = evaluate(model, tokenizer, test_rows, seed=args.seed + 10_000)
+    after = start.held_out(model)
     checkpoint = os.path.join(args.output_dir, "checkpoint-final")
     from transformers.utils import logging as hf_logging
 
