@@ -9,11 +9,23 @@
 #    lane B: the same script on 1 GPU (GPU 2), then a full-weight NCCL push to a server (GPU 2 -> GPU 3).
 #  phase 3 (issue 9): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
 set -u
+if [ "${1:-}" = 1 ] && [ -z "${PINNED:-}" ] && command -v taskset >/dev/null; then
+  # issue 6's CPU comparison runs on cores 0-3 through all three phases (setsid: it outlives this call while the
+  # host stays warm); the GPU lanes keep off those cores
+  mkdir -p /tmp/res/cpu; PYTHONPATH=/tmp/site:$PWD/src python tools/gpu_prepare.py /tmp/assets > /dev/null 2>&1
+  setsid bash tools/cpu_vs_trl.sh /tmp/res/cpu 2 > /tmp/res/cpu/run.log 2>&1 < /dev/null &
+fi
+if [ -z "${PINNED:-}" ] && command -v taskset >/dev/null; then
+  PINNED=1 exec taskset -c 4-$(($(nproc) - 1)) bash "$0" "$@"
+fi
 phase=$1; out=${2:-/tmp/out}; steps=${STEPS:-11}; R=/tmp/res/phase$phase; mkdir -p "$out" "$R"
 repo=$PWD
 export PYTHONPATH=/tmp/site:$repo/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-finish() { cp "$R"/*.txt "$out"/ 2>/dev/null; tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null; }
+finish() {  # the CPU comparison's files so far travel with every phase
+  cp -r /tmp/res/cpu "$R/" 2>/dev/null; cp "$R"/*.txt "$out"/ 2>/dev/null
+  tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null
+}
 trap finish EXIT
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python -c "import vllm, torch, transformers, peft, trl; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"

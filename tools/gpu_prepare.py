@@ -15,6 +15,9 @@ t = time.time()
 if not os.path.isfile(os.path.join(root, "model", "config.json")):
     build_random_qwen2_0_5b(os.path.join(root, "model"))
 os.makedirs(os.path.join(root, "data"), exist_ok=True)
-make_numina_like_dataset(os.path.join(root, "data", "train.jsonl"), n=4000, seed=0)
-make_numina_like_dataset(os.path.join(root, "data", "test.jsonl"), n=400, seed=1)
+for name, n, seed in (("train", 4000, 0), ("test", 400, 1)):
+    path = os.path.join(root, "data", f"{name}.jsonl")
+    if not os.path.isfile(path):  # never rewritten: a run started earlier may be reading it
+        make_numina_like_dataset(f"{path}.tmp", n=n, seed=seed)
+        os.replace(f"{path}.tmp", path)
 print(f"assets ready in {root} ({time.time() - t:.1f} s)")
