@@ -46,6 +46,9 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 REPORTERS = ("trackio", "none", "jsonl")
 REWARD_ERRORS = ("raise", "zero")
+# transformers' TrainingArguments.fsdp vocabulary, the subset that means something here: "auto_wrap" is accepted
+# (decoder layers are always wrapped), "no_shard" forces replicated data parallelism.
+FSDP_OPTIONS = ("full_shard", "auto_wrap", "no_shard")
 
 
 @dataclass
@@ -81,6 +84,7 @@ class GRPOConfig:
     trust_remote_code: bool = _f(False, "Allow model code shipped with a checkpoint.")
     disable_dropout: bool = _f(False, "Set every dropout probability to 0 (LoRA dropout stays as configured).")
     torch_empty_cache_steps: int | None = _f(None, "Accepted for TRL compatibility; ignored.")
+    fsdp: str | list[str] = _f("", "Data parallelism under torchrun: '' picks FSDP2 (parameters, gradients and optimizer state sharded over ranks) for full fine-tuning and replicated ranks for LoRA; 'full_shard' (or a list/space-separated string such as 'full_shard auto_wrap', as in transformers) forces FSDP2; 'no_shard' forces replication. One process: no effect.")
 
     # --- data ---
     max_prompt_length: int | None = _f(512, "Prompts longer than this many tokens are cut from the left; None keeps all.")
@@ -196,6 +200,12 @@ class GRPOConfig:
     @property
     def is_clip_max(self) -> float | None:
         return self.vllm_importance_sampling_cap if self.vllm_importance_sampling_cap is not None else self.vllm_importance_sampling_clip_max
+
+    @property
+    def fsdp_mode(self) -> str:
+        """'auto', 'full_shard' or 'no_shard' (the value was validated in __post_init__)."""
+        options = _fsdp_options(self.fsdp)
+        return "no_shard" if "no_shard" in options else ("full_shard" if options else "auto")
 
     @property
     def reporters(self) -> list[str]:
@@ -350,8 +360,27 @@ def _check_types(c: GRPOConfig) -> None:
             raise ConfigError(f"{f.name} must be finite, got {value!r}.")
 
 
+def _fsdp_options(value: str | list[str]) -> list[str]:
+    return value.split() if isinstance(value, str) else list(value)
+
+
+def _check_fsdp(c: GRPOConfig) -> None:
+    options = _fsdp_options(c.fsdp)
+    allowed = ", ".join(map(repr, FSDP_OPTIONS))
+    for o in options:
+        if o not in FSDP_OPTIONS:
+            hint = closest_name(o, FSDP_OPTIONS) if isinstance(o, str) else None
+            tip = f" Did you mean '{hint}'?" if hint else ""
+            raise ConfigError(f"fsdp={c.fsdp!r}: {o!r} is not supported; use '' (auto), or a string or list of "
+                              f"{allowed}.{tip}")
+    if "no_shard" in options and len(set(options)) > 1:
+        raise ConfigError(f"fsdp={c.fsdp!r}: 'no_shard' (replicated ranks) contradicts the other options; give "
+                          "either 'no_shard' or 'full_shard'.")
+
+
 def _validate(c: GRPOConfig) -> None:
     _check_types(c)
+    _check_fsdp(c)
     if c.scale_rewards is True:
         c.scale_rewards = "group"
     elif c.scale_rewards is False:
