@@ -187,3 +187,16 @@ def plan_passes(order: list[int], micro_batch: int, token_budget: int | None, le
     if cur:
         passes.append(cur)
     return passes
+
+
+def split_passes(passes: list[list[int]], count: int) -> list[list[int]]:
+    """Halve the largest passes until there are `count` (no pass grows, so a token budget still holds): FSDP2 ranks
+    must run the same number of passes. `count` never exceeds the sequences of a step, equal on every rank."""
+    passes = list(passes)
+    while len(passes) < count:
+        i = max(range(len(passes)), key=lambda j: len(passes[j]))
+        if len(passes[i]) < 2:
+            break
+        half = len(passes[i]) // 2
+        passes[i:i + 1] = [passes[i][:half], passes[i][half:]]
+    return passes

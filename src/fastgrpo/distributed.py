@@ -1,18 +1,26 @@
-"""torchrun support: rank facts and the few collectives the loop needs (no-ops on one process).
+"""torchrun support: rank facts, the few collectives the loop needs (no-ops on one process), and FSDP2.
 
-Data parallelism is explicit: each rank generates and scores whole prompt groups, so group-relative advantages
-need no communication; gradients are averaged across ranks after each accumulation window (what DDP does),
-and only batch-wide statistics (token totals, batch std, logged metrics) are reduced.
+Each rank generates and scores whole prompt groups, so group-relative advantages need no communication; only
+batch-wide statistics (token totals, batch std, logged metrics) are reduced. Parameters are held one of two ways:
+
+- replicated (LoRA by default): every rank holds the whole model; gradients are averaged across ranks after each
+  accumulation window (`average_gradients`, what DDP does).
+- FSDP2 (full fine-tuning by default, `fsdp`): `torch.distributed.fsdp.fully_shard` on each decoder layer and on
+  the transformers model (the root), so parameters, gradients and optimizer state are sharded over ranks (DTensors). A layer's parameters
+  are all-gathered for its forward and backward, and its gradients reduce-scattered (averaged) at the end of the
+  accumulation window. Every rank must therefore run the same number of forward passes, in the same order.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +72,22 @@ def all_gather_cat(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat(out)
 
 
+def all_reduce_max(value: int, d: Dist) -> int:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
-    """Mean of each gradient over ranks, flattened into one buffer per dtype to keep the calls few."""
+    """Mean of each gradient over ranks, flattened into one buffer per dtype to keep the calls few. DTensor
+    gradients (FSDP2) were already reduce-scattered and averaged during backward, and are left alone."""
     if not d.enabled:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p.grad, DTensor):
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -85,3 +102,69 @@ def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+def use_fsdp(mode: str, world_size: int, is_peft: bool) -> bool:
+    """`mode` is GRPOConfig.fsdp_mode. Auto shards full fine-tuning only: with LoRA the trained state is small
+    and replicating the frozen base costs no communication per step."""
+    if world_size <= 1:
+        return False
+    return mode == "full_shard" or (mode == "auto" and not is_peft)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, bf16: bool) -> None:
+    """fully_shard each decoder layer (the model's `_no_split_modules` classes), then the transformers model, which
+    takes the rest (embeddings, final norm, a tied lm_head: FSDP2 keeps a shared parameter shared). Shards land on
+    `device`.
+
+    bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32 (summing many ranks' bf16
+    gradients loses precision) and kept in the parameters' own dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    base = _fsdp_root(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"FSDP2: found no decoder layers in {type(base).__name__} (no _no_split_modules); use "
+                         "fsdp='no_shard'.")
+    mesh = init_device_mesh(device.type, (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(base, mesh=mesh, mp_policy=mp)
+    # The loss runs the backbone and the head's weight outside model.forward(); as a registered forward method the
+    # root's parameters (embeddings, a tied head) are gathered around it, and its gradients reduced after backward.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from .logprobs import FSDP_METHOD, head_logprobs
+
+    setattr(base, FSDP_METHOD, functools.partial(head_logprobs, base))
+    register_fsdp_forward_method(base, FSDP_METHOD)
+
+
+def _fsdp_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model, also inside a PeftModel: PeftModel.generate calls it directly, past the wrapper's
+    forward, and it holds every parameter (LoRA layers are injected into it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(_fsdp_root(model), FSDPModule)
+
+
+def set_gradient_sync(model: torch.nn.Module, on: bool) -> None:
+    """FSDP2: reduce-scatter gradients in this backward (the last pass of an accumulation window) or only
+    accumulate them locally. Replicated ranks average once per window anyway: no-op."""
+    if is_sharded(model):
+        _fsdp_root(model).set_requires_gradient_sync(on)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient norm (clipping to max_norm) as a plain tensor: with DTensor gradients torch computes it
+    across ranks and returns a replicated DTensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -130,6 +130,11 @@ def causal_lm_parts(model: torch.nn.Module):
     return backbone, base.get_output_embeddings()
 
 
+# FSDP2: name of the root-module method that runs `head_logprobs`; registered as a forward method (shard_model),
+# so that the root's own parameters (embeddings, final norm, head) are gathered around it as around forward().
+FSDP_METHOD = "_fastgrpo_head_logprobs"
+
+
 def completion_logprobs(model: torch.nn.Module, rows: Rows, temperature: float = 1.0, chunk: int = 4096,
                         want_entropy: bool = False, plain: bool = False):
     """Log-probabilities (and entropies) of every completion token of `rows`.
@@ -142,6 +147,15 @@ def completion_logprobs(model: torch.nn.Module, rows: Rows, temperature: float =
                        position_ids=rows.position_ids).logits
         lp, ent = plain_logprobs(logits[rows.rows, rows.cols], rows.targets, temperature)
         return lp, (ent.detach() if want_entropy else None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    through_root = getattr(base, FSDP_METHOD, None)
+    if through_root is not None:
+        return through_root(rows, temperature, chunk, want_entropy)
+    return head_logprobs(model, rows, temperature, chunk, want_entropy)
+
+
+def head_logprobs(model: torch.nn.Module, rows: Rows, temperature: float, chunk: int, want_entropy: bool):
+    """completion_logprobs past the model's forward(): the backbone's hidden states, then the head in chunks."""
     backbone, head = causal_lm_parts(model)
     # Rows are right-padded and contiguous, so the causal mask alone keeps every real token away from padding:
     # no attention mask means SDPA can take its fused causal (flash) kernel. The plain path keeps the explicit

@@ -27,7 +27,7 @@ import torch
 
 from . import batch as B
 from .checkpoint import TrainerState
-from .distributed import Dist, all_reduce_sum, average_gradients
+from .distributed import Dist, all_reduce_max, all_reduce_sum, average_gradients, clip_grad_norm, set_gradient_sync
 from .loss import LossParams
 from .metrics import MetricsSink, Timer
 from .rollout import Generation, Generator, SamplingParams
@@ -73,6 +73,7 @@ class Run:
     epochs_done: int = 0
     stop_signal: list = field(default_factory=list)
     stream_mark: Any = None
+    lockstep_passes: bool = False  # FSDP2: every rank runs as many forward passes as the others (each all-gathers)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -113,7 +114,7 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
         r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state)
     all_idx = list(range(len(r)))
     lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
-    passes = B.plan_passes(all_idx, plan.micro_batch, run.token_budget, lengths)
+    passes = _plan_passes(run, all_idx, lengths)
     with timer("logprob_time"):
         if plan.steps_per_generation * plan.num_iterations > plan.grad_accum:
             r.old_logprobs = B.precompute_logprobs(run.model, r, passes, cfg, run.pad_id, run.device, run.autocast)
@@ -124,11 +125,19 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     return r
 
 
+def _plan_passes(run: Run, order: list[int], lengths: list[int]) -> list[list[int]]:
+    passes = B.plan_passes(order, run.plan.micro_batch, run.token_budget, lengths)
+    if run.lockstep_passes and run.token_budget is not None:  # packing: the count depends on this rank's lengths
+        passes = B.split_passes(passes, all_reduce_max(len(passes), run.dist))
+    return passes
+
+
 def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, bool]:
-    """Average gradients over ranks, clip, step; skip the update if anything is non-finite."""
+    """Average gradients over ranks (replicated ranks; FSDP2 did it in backward), clip, step; skip the update if
+    anything is non-finite."""
     average_gradients(run.trainable, run.dist)
     max_norm = run.config.max_grad_norm or math.inf
-    norm = torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)
+    norm = clip_grad_norm(run.trainable, max_norm)
     ok = torch.isfinite(norm) and torch.isfinite(sums["loss"])
     ok = bool(all_reduce_sum(ok.float().reshape(1), run.dist).item() == run.dist.world_size)
     if ok:
@@ -184,7 +193,7 @@ def train_loop(run: Run) -> dict[str, float]:
     _install_signal_handlers(run)
     t_prev = time.perf_counter()  # step_time runs from one step's end to the next: waits and syncs included
     try:
-        while state.global_step < state.max_steps and not run.stop_signal:
+        while state.global_step < state.max_steps:  # a signal is acted on at the end of a round
             timer = Timer()
             t_round = time.perf_counter()
             if pending is None:                               # synchronous, or the very first async round
@@ -211,7 +220,9 @@ def train_loop(run: Run) -> dict[str, float]:
                     sums: dict[str, torch.Tensor] = {}
                     order = list(range(start, min(start + step_group, n_completions)))
                     with timer("train_time"):
-                        for idx in B.plan_passes(order, plan.micro_batch, run.token_budget, lengths):
+                        passes = _plan_passes(run, order, lengths)
+                        for k, idx in enumerate(passes):
+                            set_gradient_sync(run.model, k == len(passes) - 1)  # FSDP2: reduce once per window
                             _accumulate(sums, B.train_pass(run.model, r, idx, cfg, run.loss_params, run.pad_id,
                                                            run.device, run.autocast))
                         grad_norm, ok = _optimizer_step(run, sums)
@@ -233,6 +244,7 @@ def train_loop(run: Run) -> dict[str, float]:
             if pending is not None:                           # wait for round k+1, then give it the new weights
                 pending = _done_future(pending.result())
                 run.generator.update_weights(run.model)
+            _agree_on_stop(run)
             if save_due or run.stop_signal:
                 path = run.save()
             if run.stop_signal:
@@ -246,6 +258,17 @@ def train_loop(run: Run) -> dict[str, float]:
     runtime = time.perf_counter() - t_start
     return {"train_runtime": runtime, "train_loss": state.loss_sum / max(state.global_step, 1),
             "train_steps_per_second": steps_done / max(runtime, 1e-9), "total_flos": 0.0}
+
+
+def _agree_on_stop(run: Run) -> None:
+    """A signal reaches ranks at different moments; all of them stop after the same round, where they save
+    together (the save is a collective: FSDP2 gathers the weights, every rank's RNG state is kept)."""
+    if not run.dist.enabled:
+        return
+    mine = signal.Signals[run.stop_signal[0]].value if run.stop_signal else 0
+    agreed = all_reduce_max(mine, run.dist)
+    if agreed and not run.stop_signal:
+        run.stop_signal.append(signal.Signals(agreed).name)
 
 
 def _next_prompts(run: Run):
