@@ -4,6 +4,10 @@ In the synchronous loop it samples from the trainer's own model object (no copy,
 logprobs: they would equal the trainer's. With `own_copy=True` (one-step off-policy mode) it samples from a
 private copy, refreshed by `update_weights`, and returns the copy's logprobs of the sampled tokens, which the
 importance-sampling correction needs because the trainer has moved on by then.
+
+Under FSDP2 each decoding step all-gathers the layers, so ranks keep stepping (`synced_gpus`) until every rank's
+sequences are done. The private copy is not supported there: it would be a second sharded model whose collectives,
+run from the generation thread, would interleave with training's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from .base import Generation, Generator, SamplingParams
 class HFGenerator(Generator):
     def __init__(self, model: torch.nn.Module, eos_ids: list[int], pad_id: int, batch_size: int = 256,
                  own_copy: bool = False, dtype: torch.dtype | None = None) -> None:
+        from ..config import ConfigError
+        from ..distributed import is_sharded
+
+        self.synced = is_sharded(model)
+        if own_copy and self.synced:
+            raise ConfigError("async_generation with the transformers generator needs a whole model per rank, but the "
+                              "model is sharded (FSDP2). Fix: use_vllm=True (on GPUs), async_generation=False, or "
+                              "fsdp='no_shard'.")
         self.owns_weights = own_copy
         self.model = copy.deepcopy(model).eval() if own_copy else model
         if own_copy:
@@ -49,7 +61,7 @@ class HFGenerator(Generator):
                     att[i, width - len(p):] = 1
                 kwargs = dict(max_new_tokens=params.max_tokens, num_return_sequences=params.n,
                               eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                              repetition_penalty=params.repetition_penalty, **params.extra)
+                              repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
                 if params.temperature > 0:
                     kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                                   top_k=params.top_k or None, min_p=params.min_p or None)

@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlencode, urlsplit
 
 import torch
@@ -492,14 +492,25 @@ class VLLMServerGenerator(Generator):
 
     # -- weights -----------------------------------------------------------------------------------------------
     def update_weights(self, model) -> None:
-        """Push `model`'s weights (LoRA: only the changed, merged ones). Call on every rank; rank 0 sends."""
+        """Push `model`'s weights (LoRA: only the changed, merged ones). Call on every rank; rank 0 sends. Under
+        FSDP2 every rank takes part in gathering each tensor (and the others discard theirs), also when rank 0 fails
+        midway: it gathers the rest without sending, so no rank waits in an all-gather that never comes."""
+        from .weights import drain, gathers_on_every_rank
+
         rank, world = _dist_rank_world() if self._rank is None or self._world is None else (self._rank, self._world)
+        gathers = world > 1 and gathers_on_every_rank(model)
+        weights = self._weights(model) if rank == 0 or gathers else None
         error: Exception | None = None
         if rank == 0:
             try:
-                self._sync(model)
+                self._sync(weights)
             except Exception as e:  # noqa: BLE001 - told to the other ranks first, then re-raised
                 error = e
+        if gathers:
+            try:
+                drain(weights)
+            except Exception as e:  # noqa: BLE001 - same error on every rank; reported through rank 0's outcome
+                error = error or e
         if world > 1:
             outcome = [None if error is None else str(error)]
             torch.distributed.broadcast_object_list(outcome, src=0)
@@ -507,6 +518,14 @@ class VLLMServerGenerator(Generator):
                 raise WeightSyncError(f"rank 0 failed to push weights to the vLLM server: {outcome[0]}")
         if error is not None:
             raise error
+
+    def _weights(self, model) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._iter_weights is None:
+            from .weights import is_peft_model, iter_sync_weights
+
+            return iter_sync_weights(model, only_changed=is_peft_model(model), complete_parents=True)  # sees through DDP
+        is_lora = getattr(model, "peft_config", None) is not None
+        return iter(self._iter_weights(model, only_changed=is_lora, complete_parents=True))
 
     def _post(self, path: str, timeout: float, retry: bool = True, **kw) -> Any:
         return self._http.request("POST", path, timeout=timeout, retry=retry, **kw)
@@ -547,25 +566,18 @@ class VLLMServerGenerator(Generator):
             raise WeightSyncError(f"NCCL broadcast of {len(pairs)} tensors failed on the trainer side: "
                                   f"{errors[0] if errors else 'timed out'}") from (errors[0] if errors else None)
 
-    def _sync(self, model) -> None:
+    def _sync(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
         if self._asleep:
             self.wake()
         if not self._transfer_ready:
             self._init_transfer()
-        iter_weights = self._iter_weights
-        if iter_weights is None:
-            from .weights import is_peft_model, iter_sync_weights as iter_weights
-
-            is_lora = is_peft_model(model)  # sees through DDP / torch.compile wrappers
-        else:
-            is_lora = getattr(model, "peft_config", None) is not None
         self._post("/pause", self.weight_timeout, params={"mode": self.pause_mode})
         sent_bytes = sent = 0
         try:
             self._post("/start_weight_update", self.control_timeout)
             chunk, size = [], 0
-            for name, tensor in iter_weights(model, only_changed=is_lora, complete_parents=True):
+            for name, tensor in weights:
                 if self.server_dtype and str(tensor.dtype) != f"torch.{self.server_dtype}":
                     logger.warning("Sending %s weights (%s) to a vLLM server that holds %s: the precision gap biases "
                                    "the importance ratios; train in or serve with the same dtype.",

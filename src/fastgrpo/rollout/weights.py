@@ -17,6 +17,9 @@ accept. Choices:
   never yielded when `tie_word_embeddings` is set (vLLM skips it then and the base model's state_dict aliases it).
 - Tensors are fresh objects (`detach()` or new results): vLLM's loader sets attributes (`shard_id`) on the tensors
   it receives, which must not land on the trainer's parameters.
+- FSDP2 (parameters are DTensor shards): each tensor is all-gathered (`full_tensor()`) as it is yielded, so
+  every rank must iterate to the end, in the same order (the order depends only on the model), even a rank
+  that discards the result (`drain`); only then do all ranks meet in each all-gather.
 - Unsupported PEFT features (DoRA and other LoRA variants, LoRA on embeddings/convolutions, trainable-token
   wrappers) raise NotImplementedError instead of silently sending wrong weights.
 """
@@ -28,7 +31,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["iter_sync_weights", "bucketed", "unwrap_model", "is_peft_model"]
+__all__ = ["iter_sync_weights", "bucketed", "unwrap_model", "is_peft_model", "gathers_on_every_rank", "drain"]
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 
@@ -42,6 +45,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else `t` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gathers_on_every_rank(model: nn.Module) -> bool:
+    """Whether iter_sync_weights(model) all-gathers, so that ranks that push nothing must still iterate it."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap_model(model).parameters())
+
+
+def drain(weights: Iterator) -> None:
+    """Run an iterator of weights to its end, discarding them: a rank's share of the all-gathers under FSDP2."""
+    for _ in weights:
+        pass
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -72,9 +95,9 @@ def _join(prefix: str, name: str) -> str:
 def _merged_lora_linear(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(merged weight, merged bias or None if LoRA leaves the bias alone) of one LoRA Linear, computed aside."""
     base = module.get_base_layer()
-    weight = base.weight
+    weight = _full(base.weight.detach())
     if module.disable_adapters:
-        return weight.detach(), None
+        return weight, None
     adapters = [a for a in module.active_adapters if a in module.lora_A and a not in module.merged_adapters]
     for a in adapters:
         if a in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(a, False):
@@ -82,14 +105,14 @@ def _merged_lora_linear(module: nn.Module, name: str) -> tuple[torch.Tensor, tor
     w = weight.detach().to(torch.float32, copy=True)
     bias = None
     for a in adapters:
-        delta = module.lora_B[a].weight.float() @ module.lora_A[a].weight.float()
+        delta = _full(module.lora_B[a].weight.detach()).float() @ _full(module.lora_A[a].weight.detach()).float()
         if getattr(module, "fan_in_fan_out", False):
             delta = delta.T
         w.add_(delta.to(w.device), alpha=float(module.scaling[a]))
         if getattr(module, "lora_bias", {}).get(a, False):
             if bias is None:
-                bias = base.bias.detach().to(torch.float32, copy=True)
-            bias.add_(module.lora_B[a].bias.float().to(bias.device), alpha=float(module.scaling[a]))
+                bias = _full(base.bias.detach()).to(torch.float32, copy=True)
+            bias.add_(_full(module.lora_B[a].bias.detach()).float().to(bias.device), alpha=float(module.scaling[a]))
     return w.to(weight.dtype), (None if bias is None else bias.to(base.bias.dtype))
 
 
@@ -156,6 +179,7 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True,
             elif everything:
                 for pname, p in base.named_parameters():
                     if pname != "weight" and (item := emit(_join(prefix, pname), p.detach(), p)):
+                        item = item[0], _full(item[1])
                         yield item
             continue
         if peft and tokens and isinstance(module, tokens):
@@ -167,12 +191,12 @@ def iter_sync_weights(model: nn.Module, only_changed: bool = True,
             trained = module.original_module if off else module.modules_to_save[active[0]]
             for pname, p in trained.named_parameters():
                 if item := emit(_join(prefix, pname), p.detach(), p):
-                    yield item
+                    yield item[0], _full(item[1])
             continue
         if everything:
             for pname, p in module.named_parameters(recurse=False):
                 if item := emit(_join(prefix, pname), p.detach(), p):
-                    yield item
+                    yield item[0], _full(item[1])
 
 
 def bucketed(
