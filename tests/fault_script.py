@@ -92,8 +92,8 @@ def _instrument(phase: str, at: int) -> None:
 
     save_files = ckpt.save_model_files
 
-    def save_hook(model, tokenizer, path):
-        save_files(model, tokenizer, path)
+    def save_hook(model, tokenizer, path, *rest):
+        save_files(model, tokenizer, path, *rest)
         if os.path.basename(path) != f".tmp-checkpoint-{at}":
             return
         if phase == "save":

@@ -265,8 +265,8 @@ CHILD = textwrap.dedent('''
 
         real = ck.save_model_files
 
-        def save_then_hang(model, tokenizer, path):
-            real(model, tokenizer, path)
+        def save_then_hang(model, tokenizer, path, *rest):
+            real(model, tokenizer, path, *rest)
             if os.path.basename(path) == f".tmp-checkpoint-{hang}":
                 open(os.path.join(out, "SAVING"), "w").close()
                 time.sleep(600)

@@ -5,6 +5,12 @@ scheduler states, every RNG state, the prompt-stream position, the trainer state
 config. It is written to `.tmp-checkpoint-N` and renamed into place once every file is flushed, so a crash or a
 full disk mid-save leaves the previous checkpoints intact; `trainer_state.json` inside marks completeness and
 carries the model's identity so resuming another model's checkpoint fails clearly.
+
+Under FSDP2 the same files hold the *full* model (a normal Hugging Face folder) and the full optimizer state,
+gathered to rank 0's CPU (`full_state`, keyed by parameter name rather than position); resuming reads them on rank
+0 and scatters each rank's shard (`broadcast_from_rank0`), so a checkpoint resumes at any world size. The RNG
+state of every rank is kept (`rng_ranks`): ranks sample different completions, so restoring rank 0's state
+everywhere would not continue the run exactly.
 """
 
 from __future__ import annotations
@@ -80,28 +86,72 @@ def _fsync_dir(path: str) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_model_files(model, tokenizer, path: str) -> None:
-    """The adapter (for a PEFT model) or the full model, plus the tokenizer, in Hugging Face format."""
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def full_state(model, optimizer=None) -> tuple[dict | None, dict | None]:
+    """FSDP2: the whole model's state dict (and the optimizer's, keyed by parameter name) on rank 0's CPU; None on
+    the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    if _dist_rank_world()[0] != 0:
+        return None, None
+    first: dict[int, str] = {}  # a tied parameter is kept once, under its first name, as save_pretrained does
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), n) != n:
+            msd.pop(n, None)
+    return msd, osd
+
+
+def rng_states_of_ranks() -> list[dict] | None:
+    """Every rank's RNG state, on every rank (a collective under torchrun); None in one process."""
+    import torch.distributed as dist
+
+    _, world = _dist_rank_world()
+    if world == 1:
+        return None
+    out: list = [None] * world
+    dist.all_gather_object(out, rng_state())
+    return out
+
+
+def save_model_files(model, tokenizer, path: str, state_dict: dict | None = None) -> None:
+    """The adapter (for a PEFT model) or the full model, plus the tokenizer, in Hugging Face format. `state_dict`:
+    the full weights gathered by `full_state` when the model's own are shards."""
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(path, safe_serialization=True)
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    unwrapped.save_pretrained(path, safe_serialization=True, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
 def save_checkpoint(output_dir: str, state: TrainerState, model, tokenizer, optimizer, scheduler,
-                    config_dict: dict, save_only_model: bool = False, total_limit: int | None = None) -> str:
+                    config_dict: dict, save_only_model: bool = False, total_limit: int | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None,
+                    rng_ranks: list[dict] | None = None) -> str:
+    """Write checkpoint-N (on rank 0). `model_state`/`optimizer_state`: from `full_state` under FSDP2."""
     final = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{state.global_step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_model_files(model, tokenizer, tmp)
+        save_model_files(model, tokenizer, tmp, model_state)
         if not save_only_model:
+            blob = {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                    "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            if rng_ranks is not None:
+                blob["rng_ranks"] = rng_ranks
             # Through a Python file object so that a full disk surfaces as OSError(ENOSPC) in the exception chain
             # (torch.save to a path reports only "unexpected pos").
             with open(os.path.join(tmp, "training_state.pt"), "wb") as fh:
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "rng": rng_state()}, fh)
+                torch.save(blob, fh)
         with open(os.path.join(tmp, "config.fastgrpo.json"), "w") as f:
             json.dump(config_dict, f, indent=1, default=str)
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -169,8 +219,9 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     return resume
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved trainer state."""
+def load_checkpoint(path: str, model, optimizer, scheduler, sharded: bool = False) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved trainer state. `sharded`: the
+    model is FSDP2-sharded; every rank calls this, rank 0 reads the tensors and scatters the shards."""
     with open(os.path.join(path, STATE_FILE)) as f:
         raw = json.load(f)
     state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
@@ -178,15 +229,39 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> TrainerState:
     if state.model_signature and state.model_signature != sig:
         raise CheckpointError(f"{path} was written for another model ({state.model_signature}); this run's model is "
                               f"{sig}. Resume with the same model, or start a new output_dir.")
-    _load_weights(path, model)
     ts = os.path.join(path, "training_state.pt")
+    if sharded:
+        _load_sharded_weights(path, model)
+    else:
+        _load_weights(path, model)
     if not os.path.isfile(ts):
         raise CheckpointError(f"{path} has no training_state.pt (saved with save_only_model=True): it cannot resume a run.")
-    blob = torch.load(ts, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    rank, world = _dist_rank_world()
+    # mmap: ranks other than 0 read only the scheduler and their RNG state, not the (large) optimizer tensors
+    blob = torch.load(ts, map_location="cpu", weights_only=False, mmap=True)
+    osd = blob["optimizer"]
+    by_name = any(isinstance(p, str) for g in osd.get("param_groups", []) for p in g.get("params", []))
+    if sharded and not by_name:
+        raise CheckpointError(f"{path} holds the optimizer state of replicated ranks (by position); FSDP2 resumes from "
+                              "state saved by name. Resume with fsdp='no_shard', or start a new output_dir.")
+    if by_name:  # written under FSDP2; loads into sharded and whole models alike
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+        set_optimizer_state_dict(model, optimizer, osd if rank == 0 or not sharded else {}, options=opts)
+    else:
+        optimizer.load_state_dict(osd)
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    ranks = blob.get("rng_ranks")
+    set_rng_state(ranks[rank] if ranks is not None and len(ranks) == world else blob["rng"])
     return state
+
+
+def _weight_files(path: str) -> list[str]:
+    files = sorted(os.path.join(path, x) for x in os.listdir(path) if x.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no model weights (*.safetensors).")
+    return files
 
 
 def _load_weights(path: str, model) -> None:
@@ -201,13 +276,53 @@ def _load_weights(path: str, model) -> None:
             raise CheckpointError(f"{path} holds no adapter_model.safetensors, but the model is a PEFT model.")
         set_peft_model_state_dict(unwrapped, load_file(f))
         return
-    files = sorted(x for x in os.listdir(path) if x.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} holds no model weights (*.safetensors).")
     sd = {}
-    for x in files:
-        sd.update(load_file(os.path.join(path, x)))
+    for x in _weight_files(path):
+        sd.update(load_file(x))
     missing, unexpected = unwrapped.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings are saved once
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+
+
+def _load_sharded_weights(path: str, model) -> None:
+    """FSDP2: map the saved names onto the model's (PEFT adapters are saved without the adapter name; a tied
+    lm_head is saved once), check them on every rank from the files' headers, then load on rank 0 and scatter."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    peft = hasattr(model, "peft_config")
+    if peft and not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        raise CheckpointError(f"{path} holds no adapter_model.safetensors, but the model is a PEFT model.")
+    files = [os.path.join(path, "adapter_model.safetensors")] if peft else _weight_files(path)
+    names = list(model.state_dict().keys())
+    target = {n.replace(".default", ""): n for n in names} if peft else {n: n for n in names}
+    saved: dict[str, str] = {}  # file key -> model name
+    unexpected = []
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                if k in target:
+                    saved[k] = target[k]
+                else:
+                    unexpected.append(k)
+    aliases = {}  # a model name missing from the files -> a saved name of the same (tied) parameter
+    if not peft:
+        by_param: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(p), []).append(n)
+        have = set(saved.values())
+        for group in by_param.values():
+            src = next((n for n in group if n in have), None)
+            aliases.update({n: src for n in group if n not in have and src is not None})
+    missing = [] if peft else [n for n in names if n not in set(saved.values()) and n not in aliases]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    sd: dict = {}
+    if _dist_rank_world()[0] == 0:
+        for f in files:
+            with safe_open(f, "pt") as h:
+                sd.update({saved[k]: h.get_tensor(k) for k in h.keys()})
+        sd.update({n: sd[src] for n, src in aliases.items()})
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                             strict=False))

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ConfigError, GRPOConfig
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
-from .distributed import init_distributed
+from .distributed import init_distributed, shard_model, use_fsdp
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
 from .metrics import MetricsSink
@@ -113,16 +113,22 @@ class GRPOTrainer:
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
         _gather_dispatched(self.model, self.device)
-        self.model.to(self.device)
+        self.is_peft = hasattr(self.model, "peft_config")
+        self.fsdp = use_fsdp(args.fsdp_mode, self.dist.world_size, self.is_peft)
+        if not self.fsdp:
+            self.model.to(self.device)  # FSDP2 moves only this rank's shards there
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs or {"use_reentrant": False})
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()
         self.model.train()
-        self.is_peft = hasattr(self.model, "peft_config")
         self.ref_model = None
         if args.beta != 0.0 and not self.is_peft:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.fsdp:  # after the reference copy: copying a sharded model would copy its process-group state
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    shard_model(m, self.device, self.dist.world_size, self.bf16)
         self.eos_ids = _eos_ids(tok, self.model)
         self.state = ckpt.TrainerState(model_signature=ckpt.model_signature(self.model))
         self._generator = None
@@ -140,7 +146,7 @@ class GRPOTrainer:
         scheduler = make_scheduler(optimizer, args, total)
         stream = PromptStream(self.train_prompts, args.seed, args.shuffle_dataset)
         if resume:
-            self.state = ckpt.load_checkpoint(resume, self.model, optimizer, scheduler)
+            self.state = ckpt.load_checkpoint(resume, self.model, optimizer, scheduler, sharded=self.fsdp)
             stream.state.epoch, stream.state.offset = self.state.stream_epoch, self.state.stream_offset
             log.info("resumed from %s at step %d", resume, self.state.global_step)
         self.state.max_steps = total
@@ -160,7 +166,8 @@ class GRPOTrainer:
                   # be exactly the micro-batches: no packing.
                   token_budget=None if args.top_entropy_quantile < 1 else
                   args.micro_batch_tokens or (AUTO_GPU_TOKEN_BUDGET if self.device.type == "cuda" else None),
-                  evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None)
+                  evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None,
+                  lockstep_passes=self.fsdp)
         run.stream_mark = copy.copy(stream.state)
         run.epochs_done = int(self.state.epoch)
         if args.eval_on_start and run.evaluate is not None and self.state.global_step == 0:
@@ -174,7 +181,14 @@ class GRPOTrainer:
             raise
         except Exception as e:
             if getattr(e, "resumable", False):
-                path = self._save_checkpoint(run)
+                # Other ranks may be elsewhere in the step (a generation error is per rank): save without collectives
+                path = self._save_checkpoint(run, collective=False)
+                if path is None:
+                    prev = ckpt.list_checkpoints(args.output_dir)
+                    raise TrainingStopped(f"{e} Under FSDP2 a checkpoint needs every rank, so none was saved now; resume "
+                                          f"from the latest, {prev[-1] if prev else 'none yet'}, with "
+                                          "resume_from_checkpoint=True.", prev[-1] if prev else None,
+                                          type(e).__name__) from e
                 raise TrainingStopped(f"{e} A checkpoint was saved to {path}; resume with resume_from_checkpoint=True "
                                       "(CLI: --resume_from_checkpoint true).", path, type(e).__name__) from e
             raise
@@ -200,10 +214,13 @@ class GRPOTrainer:
                                 self._sampling(eval=True), self.args.per_device_eval_batch_size, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> str:
+        """Write the model (full weights, or the LoRA adapter) and tokenizer as a Hugging Face folder, from rank 0.
+        Call it on every rank (as TRL scripts do): under FSDP2 the weights are gathered collectively."""
         out = output_dir or self.args.output_dir
+        state = ckpt.full_state(self.model)[0] if self.fsdp else None
         if self.dist.is_main:
             tmp = out.rstrip("/") + ".tmp-save"
-            ckpt.save_model_files(self.model, self.processing_class, tmp)
+            ckpt.save_model_files(self.model, self.processing_class, tmp, state)
             os.makedirs(out, exist_ok=True)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -262,12 +279,15 @@ class GRPOTrainer:
             return None
         path = os.path.join(self.args.output_dir, ".vllm-base-model")
         base = self.model.get_base_model() if self.is_peft else self.model
+        from .rollout.weights import iter_sync_weights
+
+        tensors = None
+        if self.dist.is_main or self.fsdp:  # FSDP2: every rank takes part in each tensor's all-gather
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in iter_sync_weights(self.model, only_changed=False)}
         if self.dist.is_main:
             os.makedirs(path, exist_ok=True)
-            from .rollout.weights import iter_sync_weights
             from safetensors.torch import save_file
 
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in iter_sync_weights(self.model, only_changed=False)}
             save_file(tensors, os.path.join(path, "model.safetensors"))
             base.config.save_pretrained(path)
             self.processing_class.save_pretrained(path)
@@ -276,16 +296,26 @@ class GRPOTrainer:
         barrier(self.dist)
         return path
 
-    def _save_checkpoint(self, run: Run) -> str:
+    def _save_checkpoint(self, run: Run, collective: bool = True) -> str | None:
+        """Every rank calls it at the same point (`collective`): under FSDP2 the full weights and optimizer state
+        are gathered, and every rank's RNG state is kept. Without `collective` only rank 0's RNG is kept, and under
+        FSDP2 nothing can be saved (None)."""
         st = self.state
         mark = run.stream_mark or run.stream.state
         st.stream_epoch, st.stream_offset = mark.epoch, mark.offset
+        model_state = optim_state = rng_ranks = None
+        if self.fsdp:
+            if not collective:
+                return None
+            model_state, optim_state = ckpt.full_state(self.model, None if self.args.save_only_model else run.optimizer)
+        if collective:
+            rng_ranks = ckpt.rng_states_of_ranks()
         if not self.dist.is_main:
             return os.path.join(self.args.output_dir, f"checkpoint-{st.global_step}")
         try:
             return ckpt.save_checkpoint(self.args.output_dir, st, self.model, self.processing_class, run.optimizer,
                                         run.scheduler, self.args.to_dict(), self.args.save_only_model,
-                                        self.args.save_total_limit)
+                                        self.args.save_total_limit, model_state, optim_state, rng_ranks)
         except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap OSError in their own types
             prev = ckpt.list_checkpoints(self.args.output_dir)
             full = ckpt.is_disk_full(e)
