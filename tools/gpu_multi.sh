@@ -66,7 +66,7 @@ case $phase in
   summary one 16; summary trlone 16
   ;;
 1)
-  ( bench --only fastgrpo-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget 360 --out "$R/bench-a" \
+  ( bench --only fastgrpo-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget 330 --out "$R/bench-a" \
       > "$R/lane-a.txt" 2>&1
     cat > /tmp/full-ft.yaml <<'YAML'
 model: /tmp/assets/model
@@ -86,12 +86,12 @@ logging_steps: 1
 report_to: none
 YAML
     rm -rf /tmp/run-fsdp2
-    CUDA_VISIBLE_DEVICES=0,1 timeout 150 torchrun --nproc_per_node 2 --master_port 29611 -m fastgrpo.cli train \
+    CUDA_VISIBLE_DEVICES=0,1 timeout 120 torchrun --nproc_per_node 2 --master_port 29611 -m fastgrpo.cli train \
       /tmp/full-ft.yaml > "$R/fsdp2.log" 2>&1
     echo "fsdp2 full fine-tuning, 2 ranks: exit $?; checkpoints: $(ls /tmp/run-fsdp2 2>/dev/null | tr '\n' ' ')" >> "$R/lane-a.txt"
     cp /tmp/run-fsdp2/metrics.jsonl "$R/fsdp2.jsonl" 2>/dev/null ) &
   a=$!
-  bench --only trl-server,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 470 --out "$R/bench-b" \
+  bench --only trl-server,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 450 --out "$R/bench-b" \
     > "$R/lane-b.txt" 2>&1
   wait $a
   python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
