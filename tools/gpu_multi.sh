@@ -9,11 +9,12 @@
 #    lane B: the same script on 1 GPU (GPU 2), then a full-weight NCCL push to a server (GPU 2 -> GPU 3).
 #  phase 3 (issue 9): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
 set -u
-if [ "${1:-}" = 1 ] && [ -z "${PINNED:-}" ] && command -v taskset >/dev/null; then
-  # issue 6's CPU comparison runs on cores 0-3 through all three phases (setsid: it outlives this call while the
+if [ -z "${PINNED:-}" ] && [ ! -f /tmp/res/cpu/start.txt ] && command -v taskset >/dev/null; then
+  # issue 6's CPU comparison runs on cores 0-3 through the following phases (setsid: it outlives this call while the
   # host stays warm); the GPU lanes keep off those cores
   mkdir -p /tmp/res/cpu; PYTHONPATH=/tmp/site:$PWD/src python tools/gpu_prepare.py /tmp/assets > /dev/null 2>&1
   setsid bash tools/cpu_vs_trl.sh /tmp/res/cpu 2 > /tmp/res/cpu/run.log 2>&1 < /dev/null &
+  sleep 1
 fi
 if [ -z "${PINNED:-}" ] && command -v taskset >/dev/null; then
   PINNED=1 exec taskset -c 4-$(($(nproc) - 1)) bash "$0" "$@"
@@ -58,6 +59,31 @@ serve() {  # serve GPU PORT LAUNCHER... : start a server on GPU, wait for /healt
   echo "server :$port up after ${i} s"
 }
 
+fsdp2_smoke() {  # fsdp2_smoke STEPS TIMEOUT: torchrun 2 ranks on GPUs 0,1, full fine-tuning (FSDP2), vLLM colocate
+  cat > /tmp/full-ft.yaml <<YAML
+model: /tmp/assets/model
+dataset: {path: /tmp/assets/data, split: "train", prompt_column: problem}
+rewards: [format, accuracy]
+output_dir: /tmp/run-fsdp2
+max_steps: $1
+num_generations: 8
+max_completion_length: 256
+gradient_accumulation_steps: 4
+learning_rate: 1.0e-6
+bf16: true
+use_vllm: true
+vllm_mode: colocate
+save_steps: $1
+logging_steps: 1
+report_to: none
+YAML
+  rm -rf /tmp/run-fsdp2
+  CUDA_VISIBLE_DEVICES=0,1 timeout "$2" torchrun --nproc_per_node 2 --master_port 29611 -m fastgrpo.cli train \
+    /tmp/full-ft.yaml > "$R/fsdp2.log" 2>&1
+  echo "fsdp2 full fine-tuning, 2 ranks: exit $?; output: $(ls /tmp/run-fsdp2 2>/dev/null | tr '\n' ' ')" | tee -a "$R/summary.txt"
+  cp /tmp/run-fsdp2/metrics.jsonl "$R/fsdp2.jsonl" 2>/dev/null
+}
+
 case $phase in
 0)  # CPU smoke of the helpers above (tiny model in /tmp/assets/model): bash tools/gpu_multi.sh 0 /tmp/out
   small=', "use_vllm": false, "bf16": false, "gradient_accumulation_steps": 2, "max_completion_length": 16'
@@ -68,28 +94,8 @@ case $phase in
 1)
   ( bench --only fastgrpo-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget 330 --out "$R/bench-a" \
       > "$R/lane-a.txt" 2>&1
-    cat > /tmp/full-ft.yaml <<'YAML'
-model: /tmp/assets/model
-dataset: {path: /tmp/assets/data, split: "train", prompt_column: problem}
-rewards: [format, accuracy]
-output_dir: /tmp/run-fsdp2
-max_steps: 3
-num_generations: 8
-max_completion_length: 256
-gradient_accumulation_steps: 4
-learning_rate: 1.0e-6
-bf16: true
-use_vllm: true
-vllm_mode: colocate
-save_steps: 3
-logging_steps: 1
-report_to: none
-YAML
-    rm -rf /tmp/run-fsdp2
-    CUDA_VISIBLE_DEVICES=0,1 timeout 120 torchrun --nproc_per_node 2 --master_port 29611 -m fastgrpo.cli train \
-      /tmp/full-ft.yaml > "$R/fsdp2.log" 2>&1
-    echo "fsdp2 full fine-tuning, 2 ranks: exit $?; checkpoints: $(ls /tmp/run-fsdp2 2>/dev/null | tr '\n' ' ')" >> "$R/lane-a.txt"
-    cp /tmp/run-fsdp2/metrics.jsonl "$R/fsdp2.jsonl" 2>/dev/null ) &
+    fsdp2_smoke 3 120
+  ) &
   a=$!
   bench --only trl-server,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 450 --out "$R/bench-b" \
     > "$R/lane-b.txt" 2>&1
@@ -97,14 +103,19 @@ YAML
   python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"; tail -2 "$R/lane-a.txt"
   ;;
-2)
-  recipe ddp2 0,1 230 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
+2)  # issue 7: the overlapped server cells (fastgrpo, TRL's AsyncGRPOTrainer), torchrun scaling, full-weight sync
+  ( bench --only fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget 175 --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
+    recipe ddp2 0,1 170 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py"
+    fsdp2_smoke 2 95 ) &
   a=$!
-  recipe one 2 150 "" python "$repo/examples/recipe.py"
-  SERVER_GPUS=3 CUDA_VISIBLE_DEVICES=2 timeout 150 python tools/gpu_sync_full.py /tmp/assets/model "$R/sync" \
+  bench --only trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 200 --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
+  recipe one 2 140 "" python "$repo/examples/recipe.py"
+  SERVER_GPUS=3 CUDA_VISIBLE_DEVICES=2 timeout 130 python tools/gpu_sync_full.py /tmp/assets/model "$R/sync" \
     > "$R/sync.log" 2>&1; grep SYNC_FULL "$R/sync.log" | tee "$R/sync.txt"
   wait $a
   summary one 128; summary ddp2 256
+  python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"; tail -3 "$R/lane-a.txt"
   ;;
 3)
   serve 3 8301 python -m fastgrpo.cli vllm-serve

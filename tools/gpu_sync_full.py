@@ -5,7 +5,9 @@
 Starts the server on SERVER_GPUS, loads the model in bf16 on this process's GPU, and pushes every tensor with
 VLLMServerGenerator.update_weights (the path full fine-tuning takes) several times. Checks that the weights
 arrive: greedy tokens after pushing the unchanged weights equal the server's own; after pushing perturbed weights
-they differ; after pushing the originals back they are equal again. Prints one JSON line.
+they differ; after pushing the originals back they are equal again. Then times the server generating one recipe
+step's tokens through the same client (16 prompts of 200 tokens x n=8 x 512 tokens, ignore_eos), as the trainer
+asks for them. Prints one JSON line.
 """
 
 import json
@@ -52,13 +54,22 @@ with serving(spec, 1024) as (port, group_port, ready_s):
             p.copy_(saved[n])
     gen.update_weights(model)
     restored = gen.generate(prompts, greedy).completion_ids
+    rng = torch.Generator().manual_seed(0)
+    step_prompts = [torch.randint(100, 150000, (200,), generator=rng).tolist() for _ in range(16)]
+    gen_times = []
+    for seed in (None, None, None, 0, 0):
+        t = time.perf_counter()
+        g = gen.generate(step_prompts, SamplingParams(n=8, max_tokens=512, seed=seed, extra={"ignore_eos": True}))
+        gen_times.append(round(time.perf_counter() - t, 3))
+    tokens = sum(map(len, g.completion_ids))
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {"server_ready_s": round(ready_s, 1), "tensors": names, "gib": round(nbytes / 2**30, 3),
               "first_push_s (includes NCCL set-up)": round(times[0], 3),
               "push_s (median of 5 after the first)": round(statistics.median(times[1:]), 4),
               "push_s_all": [round(x, 4) for x in times], "unchanged_push_keeps_greedy": same == before,
               "perturbed_push_changes_greedy": perturbed != before, "restored_push_restores_greedy": restored == before,
-              "generator_stats": gen.stats()}
+              "generator_stats": gen.stats(), "server_generate_s (unseeded x3, seeded x2)": gen_times,
+              "tokens_per_generate": tokens}
     gen.close()
 print("SYNC_FULL " + json.dumps(result), flush=True)
 os._exit(0)

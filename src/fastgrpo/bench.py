@@ -57,7 +57,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .bench_server import free_port
+from .bench_server import free_port, kill_server
 
 RESULT_MARK = "BENCH_RESULT "
 FRAMEWORKS, MODES = ("fastgrpo", "trl"), ("colocate", "async", "novllm", "server", "server-async")
@@ -371,6 +371,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
             rc, error = None, f"timeout after {timeout:.0f} s"
         with contextlib.suppress(ProcessLookupError):  # the worker's session: vLLM engine processes go with it
             os.killpg(proc.pid, signal.SIGKILL)
+        kill_server(spec["out_dir"])  # a server-mode cell's server has a session of its own
         rc = proc.wait() if rc is None else rc
     stop.set()
     sampler.join(5)

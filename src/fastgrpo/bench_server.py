@@ -16,6 +16,11 @@ AsyncGRPOTrainer keeps TRL's defaults (max_staleness 4, bf16 autocast) except dt
 and server cells load bf16 weights too) and token_budget=0: TRL's fixed-count batcher then packs
 per_device_train_batch_size samples per micro-batch, so an optimizer step covers the same 128 completions as
 every other cell (with the default token budget of max_model_len it would cover ~16, and s/step would not compare).
+Its rollout worker parses responses with a per-template parser that TRL 1.16 only knows for some templates: Qwen2's
+ChatML template is not among them (Qwen2.5's and Qwen3's are), so the tokenizer gets TRL's Qwen3/ChatML parser.
+
+The server runs in its own process group (vLLM spawns engine processes); its group id is written to
+`server.pgid` in the cell's folder so that the bench parent can kill it too when it kills a timed-out worker.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def serving(spec: dict, max_model_len: int):
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    Path(spec["out_dir"], "server.pgid").write_text(str(proc.pid))
     try:
         while not _healthy(port):
             if proc.poll() is not None:
@@ -76,9 +82,17 @@ def serving(spec: dict, max_model_len: int):
             time.sleep(1.0)
         yield port, free_port(), time.perf_counter() - t0
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_server(spec["out_dir"])
         proc.wait()
+
+
+def kill_server(out_dir: str) -> None:
+    """Kill the process group of the server a cell started (no-op when it has none or it is gone)."""
+    path = Path(out_dir, "server.pgid")
+    if path.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.killpg(int(path.read_text()), signal.SIGKILL)
+        path.unlink(missing_ok=True)
 
 
 def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: dict) -> dict:
@@ -86,7 +100,8 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
     import dataclasses
 
     import trl
-    from transformers import TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.chat_template_utils import qwen3_template
     from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
 
     names = {f.name for f in dataclasses.fields(AsyncGRPOConfig)}
@@ -108,7 +123,9 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
         def on_step_end(self, a, state, c, **k):
             clock.mark(step=state.global_step)
 
-    trainer = AsyncGRPOTrainer(args=args, **trainer_kwargs, callbacks=[Clock()])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer.response_template = qwen3_template  # ChatML responses (see the module docstring)
+    trainer = AsyncGRPOTrainer(args=args, **trainer_kwargs, processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
     for x in clock.extras:
         x.update(tokens=lengths.get(x["step"], 0.0) * cps)
