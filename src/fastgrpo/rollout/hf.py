@@ -91,7 +91,9 @@ class HFGenerator(Generator):
                 for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
                     ids[i, width - len(p):] = torch.tensor(p)
                     att[i, width - len(p):] = 1
-                kwargs = dict(max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+                # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
+                ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
+                kwargs = dict(max_new_tokens=params.max_tokens,
                               eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                               repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
