@@ -556,3 +556,23 @@ def test_micro_batch_tokens_does_not_change_training(tiny_model_factory, char_to
     w_packed, m_packed = run("entropy-packed", top_entropy_quantile=0.5, micro_batch_tokens=200)
     assert_same_weights(w_plain, w_packed)
     assert [drop_timing(m) for m in m_plain] == [drop_timing(m) for m in m_packed]
+
+
+def test_dispatch_hooks_are_removed_also_under_a_peft_wrapper():
+    """device_map="auto" under torchrun leaves accelerate dispatch hooks on the model's modules; the trainer removes
+    them. Through a PeftModel, whose attribute reads fall through to the wrapped model, this once failed on GPUs."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+
+    from fastgrpo.testing import build_char_tokenizer, build_tiny_qwen2
+    from fastgrpo.trainer import _gather_dispatched
+
+    model = build_tiny_qwen2(build_char_tokenizer())
+    for layer in model.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([[1, 2, 3]])
+    before = peft(input_ids=ids).logits
+    _gather_dispatched(peft, torch.device("cpu"))
+    assert not [m for m in peft.modules() if "_hf_hook" in vars(m)]
+    torch.testing.assert_close(peft(input_ids=ids).logits, before)

@@ -399,14 +399,17 @@ def _load_model(model: Any, args: GRPOConfig, bf16: bool):
 def _gather_dispatched(model, device) -> None:
     """A model loaded with device_map="auto" may be split over several GPUs (and, under torchrun, every rank splits
     it over all of them). Each rank trains a whole copy on its own device, so the dispatch hooks are removed."""
-    hooked = [m for m in model.modules() if hasattr(m, "_hf_hook")]
+    # vars(), not hasattr(): a PeftModel forwards attribute reads to the model it wraps, so hasattr() sees the inner
+    # model's hook on the wrapper too, and removing it there fails (seen under torchrun on 2x H200)
+    hooked = [m for m in model.modules() if "_hf_hook" in vars(m)]
     if not hooked:
         return
     from accelerate.hooks import remove_hook_from_module
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
-    remove_hook_from_module(model, recurse=True)
+    for m in hooked:
+        remove_hook_from_module(m)
     if len(devices) > 1:
         warnings.warn(f"the model was dispatched over {devices} (device_map); fastgrpo trains a whole copy on {device} "
                       "per process, so it was gathered there. Load it with device_map=None to skip the detour.")
