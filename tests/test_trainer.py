@@ -568,8 +568,8 @@ def test_dispatch_hooks_are_removed_also_under_a_peft_wrapper():
     from fastgrpo.trainer import _gather_dispatched
 
     model = build_tiny_qwen2(build_char_tokenizer())
-    for layer in model.model.layers:
-        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu"))
+    for module in (model, *model.model.layers):  # dispatch_model hooks the top-level model too
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu"))
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     ids = torch.tensor([[1, 2, 3]])
     before = peft(input_ids=ids).logits
