@@ -576,3 +576,17 @@ def test_dispatch_hooks_are_removed_also_under_a_peft_wrapper():
     _gather_dispatched(peft, torch.device("cpu"))
     assert not [m for m in peft.modules() if "_hf_hook" in vars(m)]
     torch.testing.assert_close(peft(input_ids=ids).logits, before)
+
+
+def test_accuracy_reward_works_outside_the_main_thread():
+    """math-verify's alarm-based timeouts only exist in the main thread; TRL's async rollout worker (and users' thread
+    pools) call reward functions from other threads, where they must still score (seen on 4x H200)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastgrpo.rewards import accuracy_reward
+
+    completions = [[{"content": "<think>x</think><answer>$\\frac{1}{2}$</answer>"}], [{"content": "<answer>3</answer>"}]]
+    solution = ["so $\\boxed{\\frac{1}{2}}$", "so $\\boxed{0.5}$"]
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(accuracy_reward, completions, solution).result() == [1.0, 0.0]
+    assert accuracy_reward(completions, solution) == [1.0, 0.0]

@@ -44,6 +44,8 @@ def format_reward(completions, **kwargs) -> list[float]:
 
 #: Seconds math-verify may spend on one parse and on one verify (its own signal.alarm timeouts, whole seconds,
 #: main thread only): a pathological completion (deep nesting, 9^9^9^9) costs at most 2x this, then scores 0.
+#: Called from another thread (TRL's async rollout worker, a user's thread pool), math-verify refuses alarm-based
+#: timeouts, so there the reward runs without them; fastgrpo's own `reward_timeout` still bounds the whole call.
 MATH_VERIFY_TIMEOUT_S = 5
 
 
@@ -51,7 +53,7 @@ def accuracy_reward(completions, solution, **kwargs) -> list[float]:
     """math-verify equivalence of the completion with the `solution` column; 1.0 when the gold is unparsable."""
     from math_verify import LatexExtractionConfig, parse, verify
 
-    t = MATH_VERIFY_TIMEOUT_S
+    t = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     rewards = []
     for content, sol in zip(_contents(completions), solution):
         gold = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()], parsing_timeout=t)
