@@ -129,9 +129,9 @@ case $phase in
   summary srv3 384; summary trlsrv3 384
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
-  recipe ddp2 0,1 200 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
+  recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
   a=$!
-  bench --only trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 215 --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
+  bench --only trl-server-async --trainer-gpus 2 --server-gpus 3 --budget 180 --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
   wait $a
   summary ddp2 256
   cp "$R/bench-b/table.md" "$R/table.txt"; cat "$R/table.txt"
