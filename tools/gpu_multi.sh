@@ -5,9 +5,12 @@
 #    lane A: GPU 0 trainer + GPU 1 `fastgrpo vllm-serve`: fastgrpo server (sync) and server-async cells, then
 #            torchrun 2 ranks, full fine-tuning (FSDP2), colocate, 3 steps (a correctness run, not a timing);
 #    lane B: GPU 2 trainer + GPU 3 `trl vllm-serve`: TRL 1.16 GRPOTrainer server mode and AsyncGRPOTrainer cells.
-#  phase 2 (issue 7, data parallel): lane A: torchrun 2 ranks colocate on GPUs 0,1 (the recipe's script);
-#    lane B: the same script on 1 GPU (GPU 2), then a full-weight NCCL push to a server (GPU 2 -> GPU 3).
-#  phase 3 (issue 9): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
+#  phase 2 (issue 7): lane A: the fastgrpo server-async cell, torchrun 2 ranks colocate on GPUs 0,1 (the recipe's
+#    script), the FSDP2 run again; lane B: TRL's AsyncGRPOTrainer cell, the recipe's script on 1 GPU (GPU 2), then a
+#    full-weight NCCL push to a server (GPU 2 -> GPU 3).
+#  phase 3 (issue 9, never run yet): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
+#  phase 4: torchrun 2 ranks next to TRL's AsyncGRPOTrainer (the reruns after the fixes of phase 2's failures).
+# Results of the runs made: docs/benchmarks.md, section 5.
 set -u
 if [ -z "${PINNED:-}" ] && [ ! -f /tmp/res/cpu/start.txt ] && command -v taskset >/dev/null; then
   # issue 6's CPU comparison runs on cores 0-3 through the following phases (setsid: it outlives this call while the
