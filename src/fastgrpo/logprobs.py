@@ -65,28 +65,35 @@ class Rows:
 
 
 class _ChunkedLogprob(torch.autograd.Function):
-    """logp_i = log_softmax(h_i W^T / tau)[y_i], chunked; entropy computed alongside without grad."""
+    """logp_i = log_softmax(h_i W^T / tau)[y_i], chunked; entropy computed alongside without grad.
+
+    Passes over each [chunk, V] block are what cost (on CPU they outweigh the matmul): the forward takes one exp
+    for both the log-sum-exp and the entropy, and keeps the log-sum-exp [M] so that the backward gets softmax(z) as
+    exp(z - lse) in place, without another max and sum."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temp: float, chunk: int, want_entropy: bool):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
         for s in range(0, n, chunk):
-            z = F.linear(hidden[s:s + chunk], weight, bias).float() * inv_temp
-            lse = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
-            if want_entropy:
-                p = torch.softmax(z, dim=-1)
-                ent[s:s + chunk] = lse - (p * z).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            z = F.linear(hidden[s:s + chunk], weight, bias).float() * inv_temp  # [c, V]
+            top = z.amax(-1, keepdim=True)
+            e = (z - top).exp_()  # softmax(z) * total
+            total = e.sum(-1)
+            lse[s:s + chunk] = top.squeeze(1) + total.log()
+            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            if want_entropy:  # H = lse - sum(p z)
+                ent[s:s + chunk] = lse[s:s + chunk] - e.mul_(z).sum(-1) / total
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         ctx.mark_non_differentiable(*( [ent] if ent is not None else []))
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         gh = torch.empty_like(hidden) if need_h else None
@@ -97,7 +104,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             z = F.linear(h, weight, bias).float() * ctx.inv_temp
             g = grad_logp[s:s + ctx.chunk].float()
             # d logp / d z = onehot(y) - softmax(z); chain through the 1/temperature scaling
-            gz = torch.softmax(z, dim=-1).mul_(-g[:, None])
+            gz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
             gz.scatter_add_(1, targets[s:s + ctx.chunk, None], g[:, None])
             gz.mul_(ctx.inv_temp)
             gz = gz.to(hidden.dtype)
