@@ -104,9 +104,11 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
     from trl.chat_template_utils import qwen3_template
     from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
 
-    names = {f.name for f in dataclasses.fields(AsyncGRPOConfig)}
-    fields = {k: v for k, v in values.items() if k in names and not k.startswith("vllm_")}
-    dropped = sorted(set(values) - set(fields))
+    from .bench import _known
+
+    # vllm_* fields are left out: the server is given as vllm_server_base_url
+    fields, dropped = _known(values, {f.name for f in dataclasses.fields(AsyncGRPOConfig)
+                                      if not f.name.startswith("vllm_")})
     args = AsyncGRPOConfig(**fields, dtype="bfloat16" if cuda else "float32", token_budget=0,
                            vllm_server_base_url=f"http://127.0.0.1:{spec['server_port']}")
     cps, lengths = args.per_device_train_batch_size * args.gradient_accumulation_steps, {}

@@ -400,7 +400,7 @@ def _gather_dispatched(model, device) -> None:
     """A model loaded with device_map="auto" may be split over several GPUs (and, under torchrun, every rank splits
     it over all of them). Each rank trains a whole copy on its own device, so the dispatch hooks are removed."""
     # vars(), not hasattr(): a PeftModel forwards attribute reads to the model it wraps, so hasattr() sees the inner
-    # model's hook on the wrapper too, and removing it there fails (seen under torchrun on 2x H200)
+    # model's hook on the wrapper too, and removing it there fails (seen under torchrun, 2 ranks on H200s)
     hooked = [m for m in model.modules() if "_hf_hook" in vars(m)]
     if not hooked:
         return
