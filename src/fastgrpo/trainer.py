@@ -23,7 +23,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ConfigError, GRPOConfig
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
-from .distributed import init_distributed, shard_model, use_fsdp
+from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
 from .metrics import MetricsSink
@@ -225,6 +225,9 @@ class GRPOTrainer:
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
             os.rmdir(tmp)
+        # every rank returns once the files exist; and ranks that skip the write no longer reach exit (and tear down
+        # the process group) while rank 0 still writes: seen as a gloo abort at exit in a fresh-clone CI run
+        barrier(self.dist)
         return out
 
     def push_to_hub(self, commit_message: str = "End of training", **kwargs) -> str | None:
@@ -291,7 +294,6 @@ class GRPOTrainer:
             save_file(tensors, os.path.join(path, "model.safetensors"))
             base.config.save_pretrained(path)
             self.processing_class.save_pretrained(path)
-        from .distributed import barrier
 
         barrier(self.dist)
         return path
