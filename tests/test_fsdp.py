@@ -4,6 +4,7 @@ weights as replicated ranks), and checkpoints gathered from shards must resume a
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,38 @@ def test_fsdp_values_accepted_as_transformers_spells_them(value):
 def test_split_passes_evens_out_pass_counts():
     assert split_passes([[0, 1, 2, 3], [4]], 4) == [[0], [1], [2, 3], [4]]
     assert split_passes([[0, 1]], 1) == [[0, 1]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux /proc")
+def test_exit_waits_for_busy_collective_threads():
+    """_shutdown's wait (see distributed._settle_gloo_workers) reads thread states by name: a busy thread of that
+    name holds it back until the thread sleeps."""
+    import ctypes
+    import threading
+    import time
+
+    from fastgrpo.distributed import _settle_gloo_workers, _thread_states
+
+    stop, named = threading.Event(), threading.Event()
+
+    def spin():
+        ctypes.CDLL(None).prctl(15, b"pt_gloo_runloop")  # PR_SET_NAME: the OS name gloo gives its worker threads
+        named.set()
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # pure Python, GIL released every few ms
+            pass
+        stop.wait()
+
+    t = threading.Thread(target=spin)
+    t.start()
+    named.wait()
+    try:
+        tasks = Path("/proc/self/task")
+        s = time.monotonic()
+        _settle_gloo_workers(timeout=2.0)
+        waited = time.monotonic() - s
+        assert 0.2 < waited < 1.5, waited             # held back while the thread spun, released once it slept
+        assert _thread_states(tasks, "pt_gloo_runloop") == ["S"]
+    finally:
+        stop.set()
+        t.join()

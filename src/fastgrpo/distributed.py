@@ -16,7 +16,9 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,7 +57,40 @@ def init_distributed() -> Dist:
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        _settle_gloo_workers()
         dist.destroy_process_group()
+
+
+def _settle_gloo_workers(timeout: float = 2.0) -> None:
+    """Wait (GIL released) until gloo's worker threads are idle, so that none is still dropping a finished work.
+
+    A finished gloo work can keep an earlier one alive (a barrier holds the works in flight when it was queued, e.g.
+    FSDP2's last all-gather), and whichever thread drops it last frees that work's tensors, which takes the GIL. If a
+    worker thread does it while the interpreter finalizes, Python ends that thread inside a C++ destructor and the
+    rank aborts ("terminate called without an active exception") after training finished. destroy_process_group
+    does not stop the workers, and FSDP's modules keep the group alive until the very end, so the wait is here.
+    Idle = every `pt_gloo_runloop` thread sleeping in three checks 10 ms apart (2 s at most)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():  # not Linux: a short sleep gives the workers the same chance
+        time.sleep(0.05)
+        return
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        quiet = quiet + 1 if all(state == "S" for state in _thread_states(tasks, "pt_gloo_runloop")) else 0
+
+
+def _thread_states(tasks: Path, name: str) -> list[str]:
+    """Scheduler states (R, S, D, ...) of this process's threads called `name`."""
+    states = []
+    for task in tasks.iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                stat = (task / "stat").read_text()
+                states.append(stat[stat.rindex(")") + 2])
+        except (OSError, ValueError, IndexError):  # the thread exited meanwhile
+            continue
+    return states
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
