@@ -30,7 +30,10 @@ rows = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in 
 cfg = GRPOConfig(output_dir=out, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                  num_iterations=2, beta=0.04, num_generations=4, max_completion_length=8, learning_rate=1e-3,
                  max_grad_norm=0.5, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="steps",
-                 save_steps=2, fsdp=fsdp)
+                 save_steps=2, fsdp=fsdp,
+                 # a no-op generate() argument: the replicated run then samples through transformers' generate too, as a
+                 # sharded model must (rollout/decode.py is for whole models), so both runs draw the same completions
+                 generation_kwargs={"num_beams": 1})
 trainer = GRPOTrainer(model=build_tiny_qwen2(tok), reward_funcs=[char_reward], args=cfg,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
 trainer.train(resume_from_checkpoint=resume)

@@ -18,7 +18,7 @@ from fastgrpo import batch as B
 from fastgrpo import loss as L
 from fastgrpo.config import GRPOConfig
 from fastgrpo.data import Prompt
-from fastgrpo.logprobs import Rows, completion_logprobs
+from fastgrpo.logprobs import Rows, chunked_logprobs, completion_logprobs, plain_logprobs
 
 VOCAB_USED = 95  # printable ASCII ids of the char tokenizer
 
@@ -89,6 +89,32 @@ def test_chunked_equals_plain(kind, model_kind_factory, char_tokenizer):
                 torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     if kind.startswith("lora"):  # base weights get no gradient at all
         assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("chunk,block", [(3, 7), (5, 16), (64, 49), (4, 50), (64, 1000), (13, None)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vocabulary_tiles_equal_full_log_softmax(chunk, block, with_bias):
+    """Tiles over rows and vocabulary (online log-sum-exp, the CPU layout) against a full log_softmax: values,
+    entropies and gradients of hidden, weight and bias, with uneven last tiles and targets at both ends."""
+    g = torch.Generator().manual_seed(0)
+    M, H, V = 23, 8, 50
+    hidden = (torch.randn(M, H, generator=g) * 2).requires_grad_()
+    weight = torch.randn(V, H, generator=g).requires_grad_()
+    bias = torch.randn(V, generator=g).requires_grad_() if with_bias else None
+    targets = torch.randint(0, V, (M,), generator=g)
+    targets[:3] = torch.tensor([0, V - 1, V - 1])
+    coeff = torch.linspace(-2.0, 1.0, M)
+    for temperature in (1.0, 0.6):
+        params = [hidden, weight] + ([bias] if with_bias else [])
+        lp, ent = chunked_logprobs(hidden, weight, bias, targets, temperature, chunk, True, block)
+        got = torch.autograd.grad((lp * coeff).sum(), params)
+        logits = hidden @ weight.t() + (bias if with_bias else 0.0)
+        ref_lp, ref_ent = plain_logprobs(logits, targets, temperature)
+        want = torch.autograd.grad((ref_lp * coeff).sum(), params)
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent, ref_ent.detach(), rtol=0, atol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_match_unpadded_single_sequences(tiny_model_factory, char_tokenizer):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6's CPU comparison: the recipe's script at the recipe's settings (16 prompts x 8 generations x 512 tokens,
 # accumulation 16, LoRA r8 q/v) on a tiny 2-layer Qwen2 with Qwen2's 151,936-token vocabulary, without vLLM,
-# fastgrpo and TRL 1.16 side by side, each pinned to 2 cores of its own, OMP_NUM_THREADS=2, no GPU visible.
+# fastgrpo and TRL 1.16 side by side, each pinned to 2 cores of its own (one after the other on a 2-core machine),
+# OMP_NUM_THREADS=2, no GPU visible.
 #   bash tools/cpu_vs_trl.sh RESULT_DIR [STEPS]       (needs /tmp/assets/data from tools/gpu_prepare.py)
 set -u
 R=${1:-/tmp/res/cpu}; steps=${2:-2}; repo=$PWD; mkdir -p "$R"
@@ -19,6 +20,11 @@ run() {  # run NAME CORES EXTRA SCRIPT
   echo "$name done $(date +%s)" >> "$R/done.txt"
 }
 date +%s > "$R/start.txt"
-run fastgrpo 2,3 "" "$repo/examples/recipe.py" &
-run trl 0,1 ", \"use_cpu\": true" /tmp/trl_recipe_cpu.py &
-wait
+if [ "$(nproc)" -ge 4 ]; then  # side by side, 2 cores each
+  run fastgrpo 2,3 "" "$repo/examples/recipe.py" &
+  run trl 0,1 ", \"use_cpu\": true" /tmp/trl_recipe_cpu.py &
+  wait
+else                           # a 2-core machine: one after the other on both cores
+  run fastgrpo 0,1 "" "$repo/examples/recipe.py"
+  run trl 0,1 ", \"use_cpu\": true" /tmp/trl_recipe_cpu.py
+fi

@@ -65,30 +65,45 @@ class Rows:
 
 
 class _ChunkedLogprob(torch.autograd.Function):
-    """logp_i = log_softmax(h_i W^T / tau)[y_i], chunked; entropy computed alongside without grad.
+    """logp_i = log_softmax(h_i W^T / tau)[y_i], in tiles of `chunk` rows x `block` vocabulary entries; entropy
+    computed alongside without grad.
 
-    Passes over each [chunk, V] block are what cost (on CPU they outweigh the matmul): the forward takes one exp
-    for both the log-sum-exp and the entropy, and keeps the log-sum-exp [M] so that the backward gets softmax(z) as
-    exp(z - lse) in place, without another max and sum."""
+    The log-sum-exp runs online over vocabulary blocks (running max and rescaled sum, as flash attention does), so a
+    tile never needs the rest of its row. With one block per row (GPUs) this is the plain chunked log-softmax. On
+    CPU a [512, 1024] fp32 tile (2 MB) stays in cache, where the passes over it and the matmul producing it run
+    2-3x faster than over [chunk, 151936] rows spilled to memory. Passes over tiles are what cost: the forward
+    takes one exp for both the log-sum-exp and the entropy, and keeps the log-sum-exp [M] so that the backward
+    gets softmax(z) as exp(z - lse) in place, without another max and sum."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, chunk: int, want_entropy: bool):
-        n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        ent = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
+    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, chunk: int, block: int, want_entropy: bool):
+        n, V = hidden.shape[0], weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+        ent = torch.empty(n, **f32) if want_entropy else None
         for s in range(0, n, chunk):
-            z = F.linear(hidden[s:s + chunk], weight, bias).float() * inv_temp  # [c, V]
-            top = z.amax(-1, keepdim=True)
-            e = (z - top).exp_()  # softmax(z) * total
-            total = e.sum(-1)
-            lse[s:s + chunk] = top.squeeze(1) + total.log()
-            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            top = total = zy = pz = None
+            for lo in range(0, V, block):
+                z = F.linear(h, weight[lo:lo + block], None if bias is None else bias[lo:lo + block])
+                z = z.float() * inv_temp  # [c, b]
+                zy = z.gather(1, y[:, None]).squeeze(1) if block >= V else _pick(z, y, lo, zy)
+                new_top = z.amax(-1) if top is None else torch.maximum(top, z.amax(-1))
+                e = (z - new_top[:, None]).exp_()  # softmax(z) * total, this block's part
+                if top is None:
+                    total, pz = e.sum(-1), (e.mul_(z).sum(-1) if want_entropy else None)
+                else:  # rescale what earlier blocks summed to the new max
+                    r = (top - new_top).exp_()
+                    total = total.mul_(r).add_(e.sum(-1))
+                    pz = pz.mul_(r).add_(e.mul_(z).sum(-1)) if want_entropy else None
+                top = new_top
+            lse[s:s + chunk] = top + total.log()
+            logp[s:s + chunk] = zy - lse[s:s + chunk]
             if want_entropy:  # H = lse - sum(p z)
-                ent[s:s + chunk] = lse[s:s + chunk] - e.mul_(z).sum(-1) / total
+                ent[s:s + chunk] = lse[s:s + chunk] - pz / total
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.inv_temp, ctx.chunk = inv_temp, chunk
-        ctx.mark_non_differentiable(*( [ent] if ent is not None else []))
+        ctx.inv_temp, ctx.chunk, ctx.block = inv_temp, chunk, block
+        ctx.mark_non_differentiable(*([ent] if ent is not None else []))
         return logp, ent
 
     @staticmethod
@@ -96,32 +111,66 @@ class _ChunkedLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
+        V, block = weight.shape[0], ctx.block
         gh = torch.empty_like(hidden) if need_h else None
         gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            z = F.linear(h, weight, bias).float() * ctx.inv_temp
+            h, y = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
             g = grad_logp[s:s + ctx.chunk].float()
-            # d logp / d z = onehot(y) - softmax(z); chain through the 1/temperature scaling
-            gz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
-            gz.scatter_add_(1, targets[s:s + ctx.chunk, None], g[:, None])
-            gz.mul_(ctx.inv_temp)
-            gz = gz.to(hidden.dtype)
+            acc = None  # d/dh summed over blocks, fp32 when there are several
+            for lo in range(0, V, block):
+                w = weight[lo:lo + block]
+                z = F.linear(h, w, None if bias is None else bias[lo:lo + block]).float() * ctx.inv_temp
+                # d logp / d z = onehot(y) - softmax(z); chain through the 1/temperature scaling
+                gz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
+                idx, inside = _local(y, lo, z.shape[1])
+                gz.scatter_add_(1, idx[:, None], torch.where(inside, g, 0.0)[:, None])
+                gz.mul_(ctx.inv_temp)
+                gz = gz.to(hidden.dtype)
+                if need_h:
+                    part = gz @ w
+                    acc = part if acc is None else acc.float() + part
+                if need_w:
+                    gw[lo:lo + block] += (gz.t() @ h).float()
+                if need_b:
+                    gb[lo:lo + block] += gz.float().sum(0)
             if need_h:
-                gh[s:s + ctx.chunk] = gz @ weight
-            if need_w:
-                gw += (gz.t() @ h).float()
-            if need_b:
-                gb += gz.float().sum(0)
+                gh[s:s + ctx.chunk] = acc
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
-                None, None, None, None)
+                None, None, None, None, None)
+
+
+def _local(y: torch.Tensor, lo: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column of each target inside the vocabulary block starting at `lo` (clamped), and whether it is there."""
+    inside = (y >= lo) & (y < lo + width)
+    return (y - lo).clamp_(0, width - 1), inside
+
+
+def _pick(z: torch.Tensor, y: torch.Tensor, lo: int, acc: torch.Tensor | None) -> torch.Tensor:
+    """Target logits found in this block [c, b], added to those of earlier blocks."""
+    idx, inside = _local(y, lo, z.shape[1])
+    got = torch.where(inside, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+    return got if acc is None else acc + got
 
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                     temperature: float = 1.0, chunk: int = 4096, want_entropy: bool = False):
-    """hidden [M, H], weight [V, H], targets [M] -> (logp [M] fp32, entropy [M] fp32 or None)."""
-    return _ChunkedLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, chunk, want_entropy)
+                     temperature: float = 1.0, chunk: int = 4096, want_entropy: bool = False,
+                     block: int | None = None):
+    """hidden [M, H], weight [V, H], targets [M] -> (logp [M] fp32, entropy [M] fp32 or None).
+
+    `block`: vocabulary entries per tile; default the whole vocabulary on GPUs, and on CPU tiles of
+    CPU_TILE (rows, vocabulary) that stay in cache."""
+    if block is None:
+        if hidden.device.type == "cpu":
+            chunk, block = min(chunk, CPU_TILE[0]), CPU_TILE[1]
+        else:
+            block = weight.shape[0]
+    return _ChunkedLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, chunk, block, want_entropy)
+
+
+#: CPU tile of the log-softmax, rows x vocabulary entries: 2 MB in fp32, the two cores' L2 (measured in docs/benchmarks.md).
+CPU_TILE = (512, 1024)
 
 
 def plain_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):

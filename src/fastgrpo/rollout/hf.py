@@ -5,12 +5,13 @@ logprobs: they would equal the trainer's. With `own_copy=True` (one-step off-pol
 private copy, refreshed by `update_weights`, and returns the copy's logprobs of the sampled tokens, which the
 importance-sampling correction needs because the trainer has moved on by then.
 
-Sampling: transformers' sampling ends in `torch.multinomial`, which on CPU costs ~0.43 s per decoding step for 128
-rows of Qwen2's 151,936-token vocabulary (2 cores) and dominated a CPU step at the recipe's settings. So `generate`
-runs greedy and `InverseCdfSampler`, the last logits processor, draws the token itself: temperature, top-k, min-p
-and top-p (as vLLM and transformers apply them), then one uniform per row against the cumulative distribution
-(`searchsorted`), ~0.1 s for the same rows; it returns logits that are 0 at the drawn token and -inf elsewhere, which
-the greedy argmax picks. The repetition penalty stays transformers' own processor, applied before it.
+Sampling: on CPU, plain temperature sampling (the recipe's) skips `generate` for `decode.decode`, which samples from
+hidden states in cache-sized tiles of the logits (~50 ms per decoding step for 128 rows of Qwen2's vocabulary on 2
+cores, vs ~195 ms through `generate`). Otherwise `generate` runs greedy and `InverseCdfSampler`, the last logits
+processor, draws the token itself (transformers' sampling ends in `torch.multinomial`, ~0.43 s per step for those
+rows): temperature, top-k, min-p and top-p (as vLLM and transformers apply them), then one uniform per row against
+the cumulative distribution (`searchsorted`); it returns logits that are 0 at the drawn token and -inf elsewhere,
+which the greedy argmax picks. The repetition penalty stays transformers' own processor, applied before it.
 
 Under FSDP2 each decoding step all-gathers the layers, so ranks keep stepping (`synced_gpus`) until every rank's
 sequences are done. The private copy is not supported there: it would be a second sharded model whose collectives,
@@ -20,12 +21,15 @@ run from the generation thread, would interleave with training's.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..logprobs import causal_lm_parts
 from .base import Generation, Generator, SamplingParams
+from .decode import decode, sample_tiles
 
 
 class InverseCdfSampler(LogitsProcessor):
@@ -93,6 +97,14 @@ class HFGenerator(Generator):
                     att[i, width - len(p):] = 1
                 # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
                 ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
+                if self._lean(params, device):
+                    backbone, head = causal_lm_parts(model)
+                    pick = functools.partial(sample_tiles, weight=head.weight, bias=getattr(head, "bias", None),
+                                             temperature=params.temperature)
+                    for row in decode(backbone, pick, ids.to(device), att.to(device), params.max_tokens, self.eos_ids):
+                        out_ids.append(row)
+                        reasons.append("stop" if row and row[-1] in self.eos_ids else "length")
+                    continue
                 kwargs = dict(max_new_tokens=params.max_tokens,
                               eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                               repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
@@ -110,6 +122,15 @@ class HFGenerator(Generator):
         finally:
             model.train(was_training)
         return Generation(out_ids, logprobs, reasons)
+
+    def _lean(self, params: SamplingParams, device: torch.device) -> bool:
+        """Whether `decode` + `sample_tiles` draw from the same distribution `generate` would (plain temperature
+        sampling), on CPU, where they were measured to pay; see rollout/decode.py."""
+        head = causal_lm_parts(self.model)[1]
+        return (device.type == "cpu" and params.temperature > 0 and not params.top_k and params.top_p >= 1.0
+                and not params.min_p and params.repetition_penalty == 1.0 and not params.extra
+                and params.regex is None and not self.synced and self.dtype is None
+                and isinstance(head, torch.nn.Linear))
 
     def _logprobs(self, prompt_ids, completions, params: SamplingParams) -> list[list[float]]:
         from ..logprobs import Rows, completion_logprobs
