@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fastgrpo import bench, bench_server
+from fastgrpo import bench, bench_report, bench_server
 
 
 def _args(*argv: str):
@@ -111,7 +111,7 @@ SYNTHETIC = [
 
 
 def test_summarize_ratios_failures_and_notes():
-    table = bench.summarize(SYNTHETIC)
+    table = bench_report.summarize(SYNTHETIC)
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if line.startswith("| ")}
     assert list(rows)[1:] == [("fastgrpo", "colocate"), ("fastgrpo", "async"), ("fastgrpo", "novllm"),
                               ("trl", "colocate"), ("trl", "novllm"), ("vllm", "alone")]  # header first
@@ -127,8 +127,8 @@ def test_summarize_ratios_failures_and_notes():
 
 
 def test_write_outputs_and_report_merge(tmp_path):
-    bench.write_outputs(tmp_path / "a", SYNTHETIC[:3])
-    bench.write_outputs(tmp_path / "b", SYNTHETIC[3:])
+    bench_report.write_outputs(tmp_path / "a", SYNTHETIC[:3])
+    bench_report.write_outputs(tmp_path / "b", SYNTHETIC[3:])
     assert (tmp_path / "a" / "chart.png").stat().st_size > 10_000
     assert bench.main(["--report", str(tmp_path / "a" / "results.jsonl"), str(tmp_path / "b" / "results.jsonl"),
                        "--out", str(tmp_path / "m")]) == 0

@@ -412,5 +412,7 @@ def test_math_verify_bounded_by_its_timeout(monkeypatch, quiet_math_verify, comp
     result = rewards.accuracy_reward([completion], ["$\\boxed{2}$"])
     elapsed = time.monotonic() - t
     assert result == [0.0]
-    assert elapsed < 2 * rewards.MATH_VERIFY_TIMEOUT_S + 1.5, f"{elapsed:.1f}s"   # one parse + one verify at most
+    # one parse + one verify at most, each cut at the timeout; the slack is for this shared 2-core machine's slow
+    # spells (one run took over 3.5 s here); unbounded, these inputs run for minutes
+    assert elapsed < 2 * rewards.MATH_VERIFY_TIMEOUT_S + 5, f"{elapsed:.1f}s"
     assert not math.isnan(result[0])

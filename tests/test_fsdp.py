@@ -1,7 +1,6 @@
 """FSDP2 for full fine-tuning under torchrun, on CPU over gloo: it must not change the math (same losses and
 weights as replicated ranks), and checkpoints gathered from shards must resume a run exactly."""
 
-import json
 import shutil
 import subprocess
 from pathlib import Path

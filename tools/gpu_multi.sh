@@ -10,6 +10,8 @@
 #    full-weight NCCL push to a server (GPU 2 -> GPU 3).
 #  phase 3 (issue 9, never run yet): 1 server GPU + 3 trainer ranks, server mode, recipe config: fastgrpo, then TRL.
 #  phase 4: torchrun 2 ranks next to TRL's AsyncGRPOTrainer (the reruns after the fixes of phase 2's failures).
+#  phases 5, 6 (issue 9, never run yet): 2 server GPUs (vLLM data parallel / tensor parallel) + 2 trainer ranks.
+#  phase 7 (issue 9, never run yet): G 16, L 1024, full fine-tuning, 1 server GPU + 3 trainer ranks.
 # Results of the runs made: docs/benchmarks.md, section 5.
 set -u
 if [ -z "${PINNED:-}" ] && [ ! -f /tmp/res/cpu/start.txt ] && command -v taskset >/dev/null; then
@@ -56,7 +58,7 @@ summary() {  # summary NAME COMPLETIONS_PER_STEP (fastgrpo metrics.jsonl when pr
 serve() {  # serve GPU PORT LAUNCHER... : start a server on GPU, wait for /health (max 240 s)
   local gpu=$1 port=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu VLLM_SERVER_DEV_MODE=1 "$@" --model /tmp/assets/model --port "$port" \
-    --gpu-memory-utilization 0.9 --max-model-len 1024 > "$R/server-$port.log" 2>&1 &
+    --gpu-memory-utilization 0.9 --max-model-len "${MAX_MODEL_LEN:-1024}" > "$R/server-$port.log" 2>&1 &
   server_pid=$!
   for i in $(seq 1 240); do curl -sf 127.0.0.1:$port/health >/dev/null && break; sleep 1; done
   echo "server :$port up after ${i} s"
@@ -130,6 +132,34 @@ case $phase in
     torchrun --nproc_per_node 3 --master_port 29614 /tmp/trl_recipe.py
   kill $server_pid
   summary srv3 384; summary trlsrv3 384
+  ;;
+5|6)  # issue 9, never run yet: 2 server GPUs (vLLM data parallel in phase 5, tensor parallel in 6) + 2 trainer ranks
+  par=$([ "$phase" = 5 ] && echo "--data-parallel-size 2" || echo "--tensor-parallel-size 2")
+  serve 2,3 8311 python -m fastgrpo.cli vllm-serve $par
+  recipe srv22 0,1 150 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8311" \
+    torchrun --nproc_per_node 2 --master_port 29615 "$repo/examples/recipe.py"
+  kill $server_pid; sleep 8
+  serve 2,3 8312 python -m trl.scripts.vllm_serve $par
+  recipe trlsrv22 0,1 150 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8312, \"vllm_server_host\": \"127.0.0.1\"" \
+    torchrun --nproc_per_node 2 --master_port 29616 /tmp/trl_recipe.py
+  kill $server_pid
+  summary srv22 256; summary trlsrv22 256
+  ;;
+7)  # issue 9, never run yet: the larger config (G 16, L 1024, full fine-tuning: FSDP2 in fastgrpo, DDP in TRL under
+    # torchrun) on 1 server GPU + 3 trainer ranks; the recipe's scripts with get_peft_model(...) taken out
+  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' "$repo/examples/recipe.py" > /tmp/recipe_full.py
+  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' /tmp/trl_recipe.py > /tmp/trl_recipe_full.py
+  grep -q "full fine-tuning" /tmp/recipe_full.py && grep -q "full fine-tuning" /tmp/trl_recipe_full.py || echo "full-FT edit failed"
+  export MAX_MODEL_LEN=1536  # prompts up to 512 + 1024 completion tokens
+  big=', "num_generations": 16, "max_completion_length": 1024, "vllm_mode": "server", "learning_rate": 1e-6'
+  serve 3 8321 python -m fastgrpo.cli vllm-serve
+  recipe big3 0,1,2 170 "$big, \"vllm_server_port\": 8321" torchrun --nproc_per_node 3 --master_port 29617 /tmp/recipe_full.py
+  kill $server_pid; sleep 8
+  serve 3 8322 python -m trl.scripts.vllm_serve
+  recipe trlbig3 0,1,2 170 "$big, \"vllm_server_port\": 8322, \"vllm_server_host\": \"127.0.0.1\"" \
+    torchrun --nproc_per_node 3 --master_port 29618 /tmp/trl_recipe_full.py
+  kill $server_pid
+  summary big3 384; summary trlbig3 384
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import sys
 import warnings
-from dataclasses import asdict
 from typing import Any
 
 import torch
