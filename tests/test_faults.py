@@ -413,6 +413,6 @@ def test_math_verify_bounded_by_its_timeout(monkeypatch, quiet_math_verify, comp
     elapsed = time.monotonic() - t
     assert result == [0.0]
     # one parse + one verify at most, each cut at the timeout; the slack is for this shared 2-core machine's slow
-    # spells (one run took over 3.5 s here); unbounded, these inputs run for minutes
+    # spells (one run took over 3.5 s here)
     assert elapsed < 2 * rewards.MATH_VERIFY_TIMEOUT_S + 5, f"{elapsed:.1f}s"
     assert not math.isnan(result[0])
