@@ -246,3 +246,42 @@ def run_step(model, r, config, passes, pad_id, autocast):
             sums[k] = sums.get(k, 0) + v.detach()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return sums, grads
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB_USED + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    cfg = {"gemma2": lambda: tf.Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.7),
+           "cohere": lambda: tf.CohereConfig(**common, logit_scale=2.5),
+           "granite": lambda: tf.GraniteConfig(**common, logits_scaling=0.3)}[kind]()
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).float().train()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
+def test_logits_transformed_after_the_head_are_respected(kind):
+    """Gemma 2's soft-capping, Cohere's logit scale and Granite's logit scaling happen inside the model's forward,
+    after the output layer: the fast path must give the model's own log-probabilities and gradients."""
+    from fastgrpo.logprobs import logit_transform
+
+    model = _tiny(kind)
+    assert logit_transform(model) is not None
+    with torch.no_grad():  # large output weights: the transforms then change the distribution a lot
+        model.get_output_embeddings().weight.mul_(20)
+    prompts, completions = ragged(1, [4, 2, 6], [5, 3, 1])
+    rows = Rows.build(prompts, completions, pad_id=0)
+    coeff = torch.linspace(-1.0, 1.0, sum(map(len, completions)))
+    ref_lp, ref_ent, ref_grads = run_path(model, rows, 0.8, 4096, True, coeff)
+    lp, ent, grads = run_path(model, rows, 0.8, 4096, False, coeff)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_qwen2_logits_are_the_output_layer_s(tiny_model_factory):
+    from fastgrpo.logprobs import logit_transform
+
+    assert logit_transform(tiny_model_factory()) is None

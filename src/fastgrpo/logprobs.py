@@ -9,6 +9,7 @@ Logits are divided by the sampling temperature, as the generator's processed log
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,27 @@ def causal_lm_parts(model: torch.nn.Module):
     return backbone, base.get_output_embeddings()
 
 
+def logit_transform(model: torch.nn.Module):
+    """The elementwise map a causal LM applies to its output layer's result inside forward(), from its config:
+    Gemma 2/3's final_logit_softcapping (c * tanh(z / c)), Cohere's logit_scale (z * s), Granite's logits_scaling
+    (z / g); None when the logits are the output layer's own (Qwen2, Llama, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
+    div = getattr(cfg, "logits_scaling", None)
+    fns = []
+    if cap:
+        fns.append(lambda z: torch.tanh(z / cap) * cap)
+    if isinstance(scale, (int, float)) and scale != 1:
+        fns.append(lambda z: z * scale)
+    if isinstance(div, (int, float)) and div not in (0, 1):
+        fns.append(lambda z: z / div)
+    if not fns:
+        return None
+    return lambda z: functools.reduce(lambda acc, f: f(acc), fns, z)
+
+
 # FSDP2: name of the root-module method that runs `head_logprobs`; registered as a forward method (shard_model),
 # so that the root's own parameters (embeddings, final norm, head) are gathered around it as around forward().
 FSDP_METHOD = "_fastgrpo_head_logprobs"
@@ -218,10 +240,13 @@ def head_logprobs(model: torch.nn.Module, rows: Rows, temperature: float, chunk:
     # mask and positions, and the tests hold the two equal.
     hidden = backbone(input_ids=rows.input_ids, use_cache=False).last_hidden_state
     h = hidden[rows.rows, rows.cols]
-    if hasattr(head, "base_layer"):
-        # A PEFT adapter on the output layer itself (e.g. LoRA with lm_head in target_modules): head(h) is not
-        # F.linear(h, head.weight), so run the module's own forward on the kept positions ([M, V] logits only).
-        lp, ent = plain_logprobs(head(h), rows.targets, temperature)
+    transform = logit_transform(model)
+    if hasattr(head, "base_layer") or transform is not None:
+        # A PEFT adapter on the output layer itself (e.g. LoRA with lm_head in target_modules), or logits the model
+        # transforms after its output layer: not F.linear(h, head.weight), so run the module's own forward (and the
+        # model's transform) on the kept positions ([M, V] logits only: more memory than the chunks).
+        logits = head(h)
+        lp, ent = plain_logprobs(logits if transform is None else transform(logits), rows.targets, temperature)
         return lp, (ent.detach() if want_entropy else None)
     return chunked_logprobs(h, head.weight, getattr(head, "bias", None), rows.targets, temperature, chunk,
                             want_entropy)

@@ -27,7 +27,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..logprobs import causal_lm_parts
+from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
 from .decode import decode, sample_tiles
 
@@ -130,7 +130,7 @@ class HFGenerator(Generator):
         return (device.type == "cpu" and params.temperature > 0 and not params.top_k and params.top_p >= 1.0
                 and not params.min_p and params.repetition_penalty == 1.0 and not params.extra
                 and params.regex is None and not self.synced and self.dtype is None
-                and isinstance(head, torch.nn.Linear))
+                and isinstance(head, torch.nn.Linear) and logit_transform(self.model) is None)
 
     def _logprobs(self, prompt_ids, completions, params: SamplingParams) -> list[list[float]]:
         from ..logprobs import Rows, completion_logprobs
