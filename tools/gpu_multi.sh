@@ -64,6 +64,21 @@ serve() {  # serve GPU PORT LAUNCHER... : start a server on GPU, wait for /healt
   echo "server :$port up after ${i} s"
 }
 
+# versus TAG SERVER_GPUS TRAINER_GPUS RANKS TIMEOUT EXTRA_JSON OUR_SCRIPT TRL_SCRIPT [SERVER_ARGS...]: server mode,
+# fastgrpo's script against `fastgrpo vllm-serve`, then TRL's against `trl vllm-serve`, same GPUs, torchrun RANKS
+versus() {
+  local tag=$1 sgpus=$2 tgpus=$3 n=$4 limit=$5 extra=$6 ours=$7 theirs=$8; shift 8
+  serve "$sgpus" 8301 python -m fastgrpo.cli vllm-serve "$@"
+  recipe "$tag" "$tgpus" "$limit" "$extra, \"vllm_mode\": \"server\", \"vllm_server_port\": 8301" \
+    torchrun --nproc_per_node "$n" --master_port 29613 "$ours"
+  kill $server_pid; sleep 8
+  serve "$sgpus" 8302 python -m trl.scripts.vllm_serve "$@"
+  recipe "trl$tag" "$tgpus" "$limit" "$extra, \"vllm_mode\": \"server\", \"vllm_server_port\": 8302, \"vllm_server_host\": \"127.0.0.1\"" \
+    torchrun --nproc_per_node "$n" --master_port 29614 "$theirs"
+  kill $server_pid
+  summary "$tag" $((128 * n)); summary "trl$tag" $((128 * n))
+}
+
 fsdp2_smoke() {  # fsdp2_smoke STEPS TIMEOUT: torchrun 2 ranks on GPUs 0,1, full fine-tuning (FSDP2), vLLM colocate
   cat > /tmp/full-ft.yaml <<YAML
 model: /tmp/assets/model
@@ -122,44 +137,21 @@ case $phase in
   python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"; tail -3 "$R/lane-a.txt"
   ;;
-3)
-  serve 3 8301 python -m fastgrpo.cli vllm-serve
-  recipe srv3 0,1,2 200 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8301" \
-    torchrun --nproc_per_node 3 --master_port 29613 "$repo/examples/recipe.py"
-  kill $server_pid; sleep 5
-  serve 3 8302 python -m trl.scripts.vllm_serve
-  recipe trlsrv3 0,1,2 220 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8302, \"vllm_server_host\": \"127.0.0.1\"" \
-    torchrun --nproc_per_node 3 --master_port 29614 /tmp/trl_recipe.py
-  kill $server_pid
-  summary srv3 384; summary trlsrv3 384
+3)  # issue 9: 1 server GPU + 3 trainer ranks, recipe config
+  versus srv3 3 0,1,2 3 200 "" "$repo/examples/recipe.py" /tmp/trl_recipe.py
   ;;
-5|6)  # issue 9, never run yet: 2 server GPUs (vLLM data parallel in phase 5, tensor parallel in 6) + 2 trainer ranks
-  par=$([ "$phase" = 5 ] && echo "--data-parallel-size 2" || echo "--tensor-parallel-size 2")
-  serve 2,3 8311 python -m fastgrpo.cli vllm-serve $par
-  recipe srv22 0,1 150 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8311" \
-    torchrun --nproc_per_node 2 --master_port 29615 "$repo/examples/recipe.py"
-  kill $server_pid; sleep 8
-  serve 2,3 8312 python -m trl.scripts.vllm_serve $par
-  recipe trlsrv22 0,1 150 ", \"vllm_mode\": \"server\", \"vllm_server_port\": 8312, \"vllm_server_host\": \"127.0.0.1\"" \
-    torchrun --nproc_per_node 2 --master_port 29616 /tmp/trl_recipe.py
-  kill $server_pid
-  summary srv22 256; summary trlsrv22 256
+5|6)  # issue 9: 2 server GPUs (vLLM data parallel in phase 5, tensor parallel in 6) + 2 trainer ranks
+  versus srv22 2,3 0,1 2 150 "" "$repo/examples/recipe.py" /tmp/trl_recipe.py \
+    $([ "$phase" = 5 ] && echo "--data-parallel-size 2" || echo "--tensor-parallel-size 2")
   ;;
-7)  # issue 9, never run yet: the larger config (G 16, L 1024, full fine-tuning: FSDP2 in fastgrpo, DDP in TRL under
-    # torchrun) on 1 server GPU + 3 trainer ranks; the recipe's scripts with get_peft_model(...) taken out
+7)  # issue 9: the larger config (G 16, L 1024, full fine-tuning: FSDP2 in fastgrpo, DDP in TRL under torchrun) on
+    # 1 server GPU + 3 trainer ranks; the recipe's scripts with get_peft_model(...) taken out
   sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' "$repo/examples/recipe.py" > /tmp/recipe_full.py
   sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' /tmp/trl_recipe.py > /tmp/trl_recipe_full.py
   grep -q "full fine-tuning" /tmp/recipe_full.py && grep -q "full fine-tuning" /tmp/trl_recipe_full.py || echo "full-FT edit failed"
   export MAX_MODEL_LEN=1536  # prompts up to 512 + 1024 completion tokens
-  big=', "num_generations": 16, "max_completion_length": 1024, "vllm_mode": "server", "learning_rate": 1e-6'
-  serve 3 8321 python -m fastgrpo.cli vllm-serve
-  recipe big3 0,1,2 170 "$big, \"vllm_server_port\": 8321" torchrun --nproc_per_node 3 --master_port 29617 /tmp/recipe_full.py
-  kill $server_pid; sleep 8
-  serve 3 8322 python -m trl.scripts.vllm_serve
-  recipe trlbig3 0,1,2 170 "$big, \"vllm_server_port\": 8322, \"vllm_server_host\": \"127.0.0.1\"" \
-    torchrun --nproc_per_node 3 --master_port 29618 /tmp/trl_recipe_full.py
-  kill $server_pid
-  summary big3 384; summary trlbig3 384
+  versus big3 3 0,1,2 3 170 ', "num_generations": 16, "max_completion_length": 1024, "learning_rate": 1e-6' \
+    /tmp/recipe_full.py /tmp/trl_recipe_full.py
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
