@@ -416,3 +416,59 @@ def test_math_verify_bounded_by_its_timeout(monkeypatch, quiet_math_verify, comp
     # spells (one run took over 3.5 s here)
     assert elapsed < 2 * rewards.MATH_VERIFY_TIMEOUT_S + 5, f"{elapsed:.1f}s"
     assert not math.isnan(result[0])
+
+
+@pytest.mark.parametrize("name", ["unbalanced braces", "huge factorial", "deep nesting"])
+def test_math_verify_bounded_off_the_main_thread(monkeypatch, quiet_math_verify, name):
+    """TRL's async rollout worker and users' thread pools score off the main thread, where math-verify's alarms
+    cannot run; fastgrpo.rewards._within bounds parse and verify there instead (before it, on this machine, these
+    inputs took 2.5 s, 24 s and more than 30 s with no bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastgrpo import rewards
+
+    monkeypatch.setattr(rewards, "MATH_VERIFY_TIMEOUT_S", 1)
+    with ThreadPoolExecutor(1) as pool:
+        t = time.monotonic()
+        result = pool.submit(rewards.accuracy_reward, [PATHOLOGICAL[name]], ["$\\boxed{2}$"]).result(timeout=60)
+        elapsed = time.monotonic() - t
+        assert result == [0.0]
+        assert elapsed < 2 * rewards.MATH_VERIFY_TIMEOUT_S + 5, f"{elapsed:.1f}s"
+        # the thread is still usable: an ordinary answer scores normally, with no interruption left pending
+        assert pool.submit(rewards.accuracy_reward, ["$\\boxed{2}$"], ["$\\boxed{2}$"]).result(timeout=60) == [1.0]
+
+
+def test_deadline_is_withdrawn_when_the_call_finishes_first():
+    """_within's timer may fire while fn returns: the raise it schedules must never reach later code."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastgrpo.rewards import _within
+
+    class Late(Exception):
+        pass
+
+    def many() -> int:
+        interrupted = 0
+        for i in range(300):  # deadlines around the call's own length: some calls are cut, some are not
+            try:
+                _within(1e-4 * (i % 7), Late, lambda: sum(range(2000)))
+            except Late:
+                interrupted += 1
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # plain code after the last call: a stray raise would surface here
+            sum(range(100))
+        return interrupted
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(many).result(timeout=60)
+
+    def slow() -> None:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            pass
+
+    with ThreadPoolExecutor(1) as pool:
+        t = time.monotonic()
+        with pytest.raises(Late):
+            pool.submit(_within, 0.2, Late, slow).result(timeout=60)
+        assert time.monotonic() - t < 3

@@ -11,6 +11,8 @@ works only there. A model path instead of a callable loads a sequence-classifica
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import inspect
 import math
 import os
@@ -42,31 +44,61 @@ def format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if _FORMAT.match(c) else 0.0 for c in _contents(completions)]
 
 
-#: Seconds math-verify may spend on one parse and on one verify (its own signal.alarm timeouts, whole seconds,
-#: main thread only): a pathological completion (deep nesting, 9^9^9^9) costs at most 2x this, then scores 0.
-#: Called from another thread (TRL's async rollout worker, a user's thread pool), math-verify refuses alarm-based
-#: timeouts, so there the reward runs without them; fastgrpo's own `reward_timeout` still bounds the whole call.
+#: Seconds math-verify may spend on one parse and on one verify: a pathological completion (deep nesting, 9^9^9^9)
+#: costs at most 2x this, then scores 0. On the main thread these are math-verify's own signal.alarm timeouts; on
+#: other threads (TRL's async rollout worker, a user's thread pool), where alarms cannot be used, `_within`.
 MATH_VERIFY_TIMEOUT_S = 5
 
 
 def accuracy_reward(completions, solution, **kwargs) -> list[float]:
     """math-verify equivalence of the completion with the `solution` column; 1.0 when the gold is unparsable."""
     from math_verify import LatexExtractionConfig, parse, verify
+    from math_verify.errors import TimeoutException
 
-    t = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    on_main = threading.current_thread() is threading.main_thread()
+    t = MATH_VERIFY_TIMEOUT_S if on_main else None
+    bounded = (lambda fn: fn()) if on_main else functools.partial(_within, MATH_VERIFY_TIMEOUT_S, TimeoutException)
+    cfg = [LatexExtractionConfig()]
     rewards = []
     for content, sol in zip(_contents(completions), solution):
-        gold = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()], parsing_timeout=t)
+        try:
+            gold = bounded(lambda: parse(sol, extraction_mode="first_match", extraction_config=cfg, parsing_timeout=t))
+        except TimeoutException:
+            gold = []
         if len(gold) == 0:
             rewards.append(1.0)
             continue
-        answer = parse(content, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()],
-                       parsing_timeout=t)
         try:
-            rewards.append(float(verify(answer, gold, timeout_seconds=t)))
-        except Exception:
+            answer = bounded(lambda: parse(content, extraction_mode="first_match", extraction_config=cfg,
+                                           parsing_timeout=t))
+            rewards.append(float(bounded(lambda: verify(answer, gold, timeout_seconds=t))))
+        except Exception:  # TimeoutException included
             rewards.append(0.0)
     return rewards
+
+
+def _within(seconds: float, exc: type[BaseException], fn: Callable[[], Any]) -> Any:
+    """fn() on this (non-main) thread, interrupted with `exc` after `seconds`: a timer thread raises it in this
+    thread (PyThreadState_SetAsyncExc, checked between bytecodes like a signal handler, so a single long C call is
+    not cut short, as with math-verify's own alarms). A raise not yet delivered when fn returns is withdrawn."""
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"done": False}
+    set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def fire() -> None:
+        with lock:
+            if not state["done"]:
+                set_async_exc(ctypes.c_ulong(tid), ctypes.py_object(exc))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+        set_async_exc(ctypes.c_ulong(tid), ctypes.c_void_p(0))  # NULL: clear a pending, undelivered raise
 
 
 BUILTINS: dict[str, Callable] = {"format": format_reward, "format_reward": format_reward,
