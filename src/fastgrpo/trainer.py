@@ -223,8 +223,7 @@ class GRPOTrainer:
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
             os.rmdir(tmp)
-        # every rank returns once the files exist; and ranks that skip the write no longer reach exit (and tear down
-        # the process group) while rank 0 still writes: seen as a gloo abort at exit in a fresh-clone CI run
+        # every rank returns once the files exist (the other ranks skip the write)
         barrier(self.dist)
         return out
 

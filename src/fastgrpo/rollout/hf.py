@@ -86,6 +86,7 @@ class HFGenerator(Generator):
         device = next(model.parameters()).device
         out_ids, reasons = [], []
         per_call = max(1, self.batch_size // params.n)
+        lean = self._lean(params, device)
         try:
             for s in range(0, len(prompt_ids), per_call):
                 chunk = prompt_ids[s:s + per_call]
@@ -97,11 +98,8 @@ class HFGenerator(Generator):
                     att[i, width - len(p):] = 1
                 # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
                 ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
-                if self._lean(params, device):
-                    backbone, head = causal_lm_parts(model)
-                    pick = functools.partial(sample_tiles, weight=head.weight, bias=getattr(head, "bias", None),
-                                             temperature=params.temperature)
-                    for row in decode(backbone, pick, ids.to(device), att.to(device), params.max_tokens, self.eos_ids):
+                if lean is not None:
+                    for row in decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids):
                         out_ids.append(row)
                         reasons.append("stop" if row and row[-1] in self.eos_ids else "length")
                     continue
@@ -123,14 +121,17 @@ class HFGenerator(Generator):
             model.train(was_training)
         return Generation(out_ids, logprobs, reasons)
 
-    def _lean(self, params: SamplingParams, device: torch.device) -> bool:
-        """Whether `decode` + `sample_tiles` draw from the same distribution `generate` would (plain temperature
-        sampling), on CPU, where they were measured to pay; see rollout/decode.py."""
-        head = causal_lm_parts(self.model)[1]
-        return (device.type == "cpu" and params.temperature > 0 and not params.top_k and params.top_p >= 1.0
+    def _lean(self, params: SamplingParams, device: torch.device):
+        """(backbone, pick) for `decode` when it and `sample_tiles` draw from the same distribution `generate` would
+        (plain temperature sampling), on CPU, where they were measured to pay (see rollout/decode.py); else None."""
+        backbone, head = causal_lm_parts(self.model)
+        if not (device.type == "cpu" and params.temperature > 0 and not params.top_k and params.top_p >= 1.0
                 and not params.min_p and params.repetition_penalty == 1.0 and not params.extra
                 and params.regex is None and not self.synced and self.dtype is None
-                and isinstance(head, torch.nn.Linear) and logit_transform(self.model) is None)
+                and isinstance(head, torch.nn.Linear) and logit_transform(self.model) is None):
+            return None
+        return backbone, functools.partial(sample_tiles, weight=head.weight, bias=getattr(head, "bias", None),
+                                           temperature=params.temperature)
 
     def _logprobs(self, prompt_ids, completions, params: SamplingParams) -> list[list[float]]:
         from ..logprobs import Rows, completion_logprobs
