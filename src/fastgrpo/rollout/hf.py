@@ -1,4 +1,4 @@
-"""Generation with transformers' `generate`: the CPU backend, and the fallback when vLLM or a GPU is missing.
+"""Generation with transformers models: the CPU backend, and the fallback when vLLM or a GPU is missing.
 
 In the synchronous loop it samples from the trainer's own model object (no copy, nothing to sync) and returns no
 logprobs: they would equal the trainer's. With `own_copy=True` (one-step off-policy mode) it samples from a
@@ -12,6 +12,8 @@ processor, draws the token itself (transformers' sampling ends in `torch.multino
 rows): temperature, top-k, min-p and top-p (as vLLM and transformers apply them), then one uniform per row against
 the cumulative distribution (`searchsorted`); it returns logits that are 0 at the drawn token and -inf elsewhere,
 which the greedy argmax picks. The repetition penalty stays transformers' own processor, applied before it.
+On CUDA, `graphed.decode` replaces `generate` for full-attention models and any of those sampling settings but the
+repetition penalty: a static KV cache and one CUDA graph per decoding step, tokens drawn by the same `draw`.
 
 Under FSDP2 each decoding step all-gathers the layers, so ranks keep stepping (`synced_gpus`) until every rank's
 sequences are done. The private copy is not supported there: it would be a second sharded model whose collectives,
@@ -23,37 +25,49 @@ from __future__ import annotations
 import copy
 import functools
 import time
+import warnings
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
+from . import graphed
 from .decode import decode, sample_tiles
 
 
+def draw(scores: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+         min_p: float = 0.0) -> torch.Tensor:
+    """logits [B, V] -> one token per row [B]: greedy at temperature 0, else drawn from softmax(logits /
+    temperature) after top-k, min-p and top-p (as vLLM and transformers apply them) by one uniform per row against
+    the cumulative distribution."""
+    if temperature <= 0:
+        return scores.argmax(-1)
+    logits = scores.float() / temperature  # [B, V]
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before a token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)  # first cdf > u
+
+
 class InverseCdfSampler(LogitsProcessor):
-    """Draws one token per row from softmax(processed logits / temperature); see the module docstring."""
+    """Draws one token per row with `draw`; see the module docstring."""
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> None:
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.temperature  # [B, V]
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.min_p > 0:
-            probs = probs.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), 0.0)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p  # mass before a token already reaches top_p
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        cdf = probs.cumsum(-1)  # [B, V]
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first index with cdf > u
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+        token = draw(scores, self.temperature, self.top_k, self.top_p, self.min_p)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 
 class HFGenerator(Generator):
@@ -77,6 +91,7 @@ class HFGenerator(Generator):
         self.batch_size = batch_size
         self.dtype = dtype
         self._stats: dict[str, float] = {}
+        self._graph = "graph"  # graphed decoding on CUDA: "graph", "eager" after a failed capture, "off"
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
@@ -87,6 +102,7 @@ class HFGenerator(Generator):
         out_ids, reasons = [], []
         per_call = max(1, self.batch_size // params.n)
         lean = self._lean(params, device)
+        static = None if lean is not None else self._static(params, device)
         try:
             for s in range(0, len(prompt_ids), per_call):
                 chunk = prompt_ids[s:s + per_call]
@@ -102,6 +118,11 @@ class HFGenerator(Generator):
                     for row in decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids):
                         out_ids.append(row)
                         reasons.append("stop" if row and row[-1] in self.eos_ids else "length")
+                    continue
+                rows = self._decode_static(static, ids.to(device), att.to(device), params) if static else None
+                if rows is not None:
+                    out_ids.extend(rows)
+                    reasons.extend("stop" if r and r[-1] in self.eos_ids else "length" for r in rows)
                     continue
                 kwargs = dict(max_new_tokens=params.max_tokens,
                               eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
@@ -132,6 +153,32 @@ class HFGenerator(Generator):
             return None
         return backbone, functools.partial(sample_tiles, weight=head.weight, bias=getattr(head, "bias", None),
                                            temperature=params.temperature)
+
+    def _static(self, params: SamplingParams, device: torch.device):
+        """(backbone, head, draw) for `graphed.decode` on CUDA where it samples as `generate` would (no repetition
+        penalty, extra arguments or constrained decoding; a whole model whose logits are its output layer's); else
+        None."""
+        backbone, head = causal_lm_parts(self.model)
+        if not (device.type == "cuda" and self._graph != "off" and params.repetition_penalty == 1.0
+                and not params.extra and params.regex is None and not self.synced
+                and logit_transform(self.model) is None and graphed.supported(backbone)):
+            return None
+        return backbone, head, functools.partial(draw, temperature=params.temperature, top_k=params.top_k,
+                                                 top_p=params.top_p, min_p=params.min_p)
+
+    def _decode_static(self, static, ids, att, params: SamplingParams) -> list[list[int]] | None:
+        """`graphed.decode` of one chunk; a failed graph capture falls back to the same steps run eagerly, a failure
+        of those to `generate` (None), each once for this generator's lifetime, with a warning."""
+        while self._graph != "off":
+            try:
+                return graphed.decode(*static[:2], static[2], ids, att, params.max_tokens, self.eos_ids,
+                                      graph=self._graph == "graph", autocast=self.dtype)
+            except Exception as e:  # an architecture or kernel the static path does not handle
+                fallback = "eager" if self._graph == "graph" else "off"
+                warnings.warn(f"static-cache decoding failed ({type(e).__name__}: {e}); continuing with "
+                              f"{'the same steps without a CUDA graph' if fallback == 'eager' else 'generate()'}")
+                self._graph = fallback
+        return None
 
     def _logprobs(self, prompt_ids, completions, params: SamplingParams) -> list[list[float]]:
         from ..logprobs import Rows, completion_logprobs
