@@ -12,24 +12,18 @@
 #  phase 4: torchrun 2 ranks next to TRL's AsyncGRPOTrainer (the reruns after the fixes of phase 2's failures).
 #  phases 5, 6 (issue 9, never run yet): 2 server GPUs (vLLM data parallel / tensor parallel) + 2 trainer ranks.
 #  phase 7 (issue 9, never run yet): G 16, L 1024, full fine-tuning, 1 server GPU + 3 trainer ranks.
+#  phase 8 (issue 7): GPUs 2+3: fastgrpo server-async, then TRL's AsyncGRPOTrainer (the same pair); at the same
+#    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
+#  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
+#    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
 # Results of the runs made: docs/benchmarks.md, section 5.
 set -u
-if [ -z "${PINNED:-}" ] && [ ! -f /tmp/res/cpu/start.txt ] && command -v taskset >/dev/null; then
-  # issue 6's CPU comparison runs on cores 0-3 through the following phases (setsid: it outlives this call while the
-  # host stays warm); the GPU lanes keep off those cores
-  mkdir -p /tmp/res/cpu; PYTHONPATH=/tmp/site:$PWD/src python tools/gpu_prepare.py /tmp/assets > /dev/null 2>&1
-  setsid bash tools/cpu_vs_trl.sh /tmp/res/cpu 2 > /tmp/res/cpu/run.log 2>&1 < /dev/null &
-  sleep 1
-fi
-if [ -z "${PINNED:-}" ] && command -v taskset >/dev/null; then
-  PINNED=1 exec taskset -c 4-$(($(nproc) - 1)) bash "$0" "$@"
-fi
 phase=$1; out=${2:-/tmp/out}; steps=${STEPS:-11}; R=/tmp/res/phase$phase; mkdir -p "$out" "$R"
 repo=$PWD
 export PYTHONPATH=/tmp/site:$repo/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-finish() {  # the CPU comparison's files so far travel with every phase
-  cp -r /tmp/res/cpu "$R/" 2>/dev/null; cp "$R"/*.txt "$out"/ 2>/dev/null
+finish() {
+  cp "$R"/*.txt "$out"/ 2>/dev/null
   tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null
 }
 trap finish EXIT
@@ -152,6 +146,31 @@ case $phase in
   export MAX_MODEL_LEN=1536  # prompts up to 512 + 1024 completion tokens
   versus big3 3 0,1,2 3 170 ', "num_generations": 16, "max_completion_length": 1024, "learning_rate": 1e-6' \
     /tmp/recipe_full.py /tmp/trl_recipe_full.py
+  ;;
+8)
+  bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-520}" \
+    --out "$R/bench-a" > "$R/lane-a.txt" 2>&1 &
+  a=$!
+  bench --only trl-server,fastgrpo-server --trainer-gpus 0 --server-gpus 1 --budget "${BUDGET:-520}" \
+    --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
+  wait $a
+  python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
+  ;;
+9)
+  ( recipe one 0 150 "" python "$repo/examples/recipe.py"
+    recipe ddp2 0,1 170 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py"
+    summary one 128; summary ddp2 256
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python -m pytest -q -p no:cacheprovider -m gpu -x tests/test_graphed.py \
+      tests/test_vllm_colocate.py > "$R/gpu-tests.txt" 2>&1; tail -3 "$R/gpu-tests.txt" ) &
+  a=$!
+  CUDA_VISIBLE_DEVICES=2 bench --only fastgrpo-novllm,fastgrpo-colocate,vllm-alone,fastgrpo-async --budget 520 \
+    --out "$R/bench-c" > "$R/lane-c.txt" 2>&1 &
+  c=$!
+  CUDA_VISIBLE_DEVICES=3 bench --only trl-novllm,trl-colocate --budget 520 --out "$R/bench-d" > "$R/lane-d.txt" 2>&1
+  wait $a $c
+  python -m fastgrpo.bench --report "$R/bench-c/results.jsonl" "$R/bench-d/results.jsonl" --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &

@@ -182,7 +182,8 @@ def _capture(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
             step()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    # thread_local: the training thread of the one-step off-policy mode may use CUDA while this thread captures
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
         out = step()
 
     def replay() -> torch.Tensor:
