@@ -17,7 +17,27 @@ and server cells load bf16 weights too) and token_budget=0: TRL's fixed-count ba
 per_device_train_batch_size samples per micro-batch, so an optimizer step covers the same 128 completions as
 every other cell (with the default token budget of max_model_len it would cover ~16, and s/step would not compare).
 Its rollout worker parses responses with a per-template parser that TRL 1.16 only knows for some templates: Qwen2's
-ChatML template is not among them (Qwen2.5's and Qwen3's are), so the tokenizer gets TRL's Qwen3/ChatML parser.
+ChatML template is not among them (Qwen2.5's and Qwen3's are), so the tokenizer gets TRL's Qwen3/ChatML parser less
+its `reasoning_content` field (`chatml_response_template`). With that field the parser moved `<think>...</think>` out
+of the message content, so the recipe's format_reward, which reads the content, scored 0 even for a perfectly
+formatted completion: a reward no other cell computes. Qwen2's template has no reasoning section, and TRL's own
+GRPOTrainer hands reward functions the whole decoded text, think tags included; the parse only feeds the rewards
+(training rows are built from token ids).
+
+Observability: TRL's async_grpo loggers (trainer, rollout worker, weight transfer) log at INFO, which no handler
+shows by default, and the rollout worker runs in a spawned child that configures no logging at all. The cell gives
+both processes a timestamped INFO handler on stderr (so into the cell's log.txt): the child through a subclass of
+TRL's rollout loop (`_LoggedRolloutLoop`, set as the worker's `_loop_cls`) that installs it before TRL's own
+initialisation. Per-group lines (two per scored group) and per-sample ones ("waited X s for sample", "dropping stale
+sample") are thinned: each kind of line (its text with the numbers masked) passes 32 times, then once per 10 s with
+the count held back. A watchdog line every 15 s gives the step, the rollout queue's size, the policy version and the
+child's heartbeat age and liveness, since TRL logs the queue wait only once a sample has arrived.
+
+Time to the first step: the worker dispatches max_inflight_tasks = max_staleness x 128 = 512 requests at once and
+scores a group only when all its generations are back; with a random-weight model all run to max_completion_length
+(near-uniform sampling draws EOS ~2 times in 151,936), so any group is complete only when the whole wave is, and the
+first optimizer step waits for 4 steps' worth of generation (then 16 groups scored one at a time, then 16
+micro-batches). Give the cell the time for that.
 
 The server runs in its own process group (vLLM spawns engine processes); its group id is written to
 `server.pgid` in the cell's folder so that the bench parent can kill it too when it kills a timed-out worker.
@@ -27,11 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,17 +118,130 @@ def kill_server(out_dir: str) -> None:
         path.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------------------- TRL's AsyncGRPOTrainer
+ASYNC_LOGGERS = ("trl.experimental.async_grpo", __name__)
+LOG_FORMAT = "%(asctime)s %(processName)s %(name)s %(levelname)s: %(message)s"
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+class ThinningFilter(logging.Filter):
+    """Passes each kind of INFO line (its text with the numbers masked) `burst` times, then once per `every_s`
+    seconds, noting how many like it were held back. Warnings and errors always pass."""
+
+    def __init__(self, burst: int = 32, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.burst, self.every_s, self._lock, self._seen = burst, every_s, threading.Lock(), {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = record.getMessage()
+        key, now = _NUMBER.sub("#", msg)[:80], time.monotonic()
+        with self._lock:
+            n, last, held = self._seen.get(key, (0, -float("inf"), 0))
+            if n < self.burst or now - last >= self.every_s:
+                self._seen[key] = (n + 1, now, 0)
+                if held:
+                    record.msg, record.args = f"{msg} [{held} more like it held back]", None
+                return True
+            self._seen[key] = (n + 1, last, held + 1)
+            return False
+
+
+def log_async_grpo(stream=None) -> logging.Handler:
+    """INFO of TRL's async_grpo loggers (and this module's) to `stream` (default stderr), thinned; once per process."""
+    for name in ASYNC_LOGGERS:
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h.filters[0] if h.filters else None, ThinningFilter):
+                return h
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(ThinningFilter())
+    for name in ASYNC_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False  # a root handler added later (basicConfig) would print each line twice
+    return handler
+
+
+def _logged_rollout_loop() -> type:
+    """TRL's rollout loop, installing `log_async_grpo` in the spawned child before TRL initialises it.
+
+    Made on first use (importing TRL here would slow every bench cell down) and published as this module's
+    `_LoggedRolloutLoop`, which is the name the child's unpickler asks for (see `__getattr__`)."""
+    cls = globals().get("_LoggedRolloutLoop")
+    if cls is None:
+        from trl.experimental.async_grpo.async_rollout_worker import _AsyncRolloutLoop
+
+        def __init__(self, **kwargs):
+            log_async_grpo()
+            _AsyncRolloutLoop.__init__(self, **kwargs)
+
+        cls = type("_LoggedRolloutLoop", (_AsyncRolloutLoop,), {"__init__": __init__, "__module__": __name__})
+        globals()["_LoggedRolloutLoop"] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "_LoggedRolloutLoop":
+        return _logged_rollout_loop()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def chatml_response_template() -> dict:
+    """TRL's Qwen3/ChatML response template without `reasoning_content` (see the module docstring)."""
+    from trl.chat_template_utils import qwen3_template
+
+    fields = {k: v for k, v in qwen3_template["fields"].items() if k != "reasoning_content"}
+    return {**qwen3_template, "fields": fields}
+
+
+@contextlib.contextmanager
+def watching(trainer, every_s: float = 15.0):
+    """Log the async pipeline's state every `every_s` seconds while the block runs (see the module docstring)."""
+    log, stop, t0 = logging.getLogger(__name__), threading.Event(), time.time()
+
+    def state() -> str:
+        worker, queue_ = getattr(trainer, "rollout_worker", None), getattr(trainer, "rollout_queue", None)
+        parts = [f"t={time.time() - t0:.0f}s", f"step={trainer.state.global_step}",
+                 f"policy_version={getattr(trainer, 'model_version', None)}"]
+        with contextlib.suppress(Exception):  # NotImplementedError on macOS; a queue being torn down
+            parts.append(f"rollout_queue={queue_.qsize()}")
+        proc, beat = getattr(worker, "_process", None), getattr(worker, "_heartbeat_value", None)
+        if proc is None:
+            parts.append("rollout_child=not started")
+        else:
+            parts.append(f"rollout_child={'alive' if proc.is_alive() else f'exited {proc.exitcode}'}")
+            if beat is not None and beat.value:
+                parts.append(f"heartbeat_age={time.time() - beat.value:.1f}s")
+        return " ".join(parts)
+
+    def run() -> None:
+        while not stop.wait(every_s):
+            log.info(f"async pipeline: {state()}")
+
+    thread = threading.Thread(target=run, name="bench-async-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        log.info(f"async pipeline at the end: {state()}")
+
+
 def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: dict) -> dict:
     """TRL 1.16's AsyncGRPOTrainer against the already started server (spec["server_port"])."""
     import dataclasses
 
     import trl
     from transformers import AutoTokenizer, TrainerCallback
-    from trl.chat_template_utils import qwen3_template
     from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
 
     from .bench import _known
 
+    log_async_grpo()  # before the trainer: its __init__ already logs (max_inflight_tasks, sync mode)
     # vllm_* fields are left out: the server is given as vllm_server_base_url
     fields, dropped = _known(values, {f.name for f in dataclasses.fields(AsyncGRPOConfig)
                                       if not f.name.startswith("vllm_")})
@@ -126,13 +262,17 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
             clock.mark(step=state.global_step)
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    tokenizer.response_template = qwen3_template  # ChatML responses (see the module docstring)
+    tokenizer.response_template = chatml_response_template()  # ChatML responses (see the module docstring)
     trainer = AsyncGRPOTrainer(args=args, **trainer_kwargs, processing_class=tokenizer, callbacks=[Clock()])
-    trainer.train()
+    if trainer.rollout_worker is not None:  # start() (at train begin) spawns self._loop_cls
+        trainer.rollout_worker._loop_cls = _logged_rollout_loop()
+    with watching(trainer):
+        trainer.train()
     for x in clock.extras:
         x.update(tokens=lengths.get(x["step"], 0.0) * cps)
     return {"split": None, "dropped_extra": dropped, "completions_per_step": cps,
             "config": {**fields, "trl_version": trl.__version__, "trainer": "AsyncGRPOTrainer",
                        **{k: getattr(args, k) for k in ("max_staleness", "token_budget", "dtype",
-                                                        "gradient_checkpointing", "loss_type")
+                                                        "gradient_checkpointing", "loss_type",
+                                                        "max_inflight_tasks")
                           if hasattr(args, k)}}}
