@@ -9,6 +9,7 @@ logprobs are exact. The importance-sampling correction uses the generator's logp
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from . import advantages as adv_fns
 from . import loss as L
 from .data import Prompt
-from .distributed import Dist, all_gather_cat, all_reduce_sum
+from .distributed import Dist, all_gather_cat
 from .logprobs import Rows, completion_logprobs
 from .rewards import RewardFunction, score
 from .rollout import Generation
@@ -40,7 +41,8 @@ class Rollout:
     reward_failures: int = 0
     old_logprobs: list[torch.Tensor] | None = None   # [N] ragged fp32, when precomputed
     ref_logprobs: list[torch.Tensor] | None = None   # [N] ragged fp32, when beta != 0
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)        # the round's logged statistics, over all ranks
+    round_tokens: int = 0                            # completion tokens of the round, over all ranks
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -60,31 +62,43 @@ def _decode_kwargs(prompts: list[Prompt], gen: Generation, tokenizer, G: int, tr
 
 
 def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_funcs: list[RewardFunction],
-                  reward_weights: torch.Tensor, config, plan, d: Dist, trainer_state=None) -> Rollout:
+                  reward_weights: torch.Tensor, config, plan, d: Dist, trainer_state=None, timer=None) -> Rollout:
+    """Decode, score, and turn rewards into advantages and loss weights. Under torchrun this is the round's one
+    collective: a single all-gather of every completion's length, truncation, loss length, rewards and group std,
+    which gives the token total of the loss weights, the batch std (scale_rewards="batch"), the round's token count
+    and its logged statistics (`r.metrics`) at once. It is also where the ranks first meet after generating and
+    scoring, so under `timer` its time is kept as `round_sync_time`: mostly the wait for the slowest rank."""
     G = config.num_generations
     kwargs, N = _decode_kwargs(prompts, gen, tokenizer, G, trainer_state)
     expanded = [p for p in prompts for _ in range(G)]
     per_func, failures = score(reward_funcs, kwargs, N, config.reward_timeout, config.reward_error)
     rewards = adv_fns.combine_rewards(per_func, reward_weights)
-    batch_std = adv_fns.nanstd(all_gather_cat(rewards, d)) if config.scale_rewards == "batch" else None
-    advantages, group_std = adv_fns.group_advantages(rewards, G, config.scale_rewards, batch_std)
     truncated = torch.tensor([r == "length" for r in gen.finish_reasons])
     lengths = torch.tensor([len(c) for c in gen.completion_ids], dtype=torch.float64)
     loss_lengths = lengths * (~truncated).double() if config.mask_truncated_completions else lengths
-    total_tokens = float(all_reduce_sum(loss_lengths.sum().clone(), d))
+    _, group_std = adv_fns.group_advantages(rewards, G, "none")  # the group std alone (the metric)
+    # Every column is exact in float64 (token counts, 0/1, float32 values), so each is recovered bit for bit.
+    mine = torch.cat([torch.stack([lengths, truncated.double(), loss_lengths, rewards.double(), group_std.double()], 1),
+                      per_func.double()], 1)                                          # [N, 5 + F]
+    with (timer("round_sync_time") if timer is not None and d.enabled else contextlib.nullcontext()):
+        every = all_gather_cat(mine, d)                                               # [world * N, 5 + F]
+    column = lambda j: every[:, j].contiguous()  # noqa: E731
+    total_tokens = float(column(2).sum())
+    batch_std = adv_fns.nanstd(column(3).float()) if config.scale_rewards == "batch" else None
+    advantages, group_std = adv_fns.group_advantages(rewards, G, config.scale_rewards, batch_std)
     weights = L.sequence_weights(loss_lengths, config.loss_type, plan.micro_batch, plan.grad_accum,
                                  plan.steps_per_generation, config.max_completion_length, total_tokens, d.world_size)
-    return Rollout(prompts, [p.ids for p in expanded], gen.completion_ids, gen.logprobs, truncated, per_func,
-                   rewards, advantages, group_std, loss_lengths, weights, failures)
+    r = Rollout(prompts, [p.ids for p in expanded], gen.completion_ids, gen.logprobs, truncated, per_func,
+                rewards, advantages, group_std, loss_lengths, weights, failures)
+    r.metrics = round_metrics(column(0).float(), column(1).float(), every[:, 5:].float(), column(3).float(),
+                              column(4).float(), [f.name for f in reward_funcs], failures)
+    r.round_tokens = int(column(0).sum())
+    return r
 
 
-def rollout_metrics(r: Rollout, names: list[str], d: Dist) -> dict[str, float]:
-    """TRL-named reward and completion statistics of a round, over all ranks."""
-    lengths = all_gather_cat(torch.tensor([float(len(c)) for c in r.completion_ids]), d)
-    trunc = all_gather_cat(r.truncated.float(), d)
-    per_func = all_gather_cat(r.rewards_per_func, d)
-    rewards = all_gather_cat(r.rewards, d)
-    group_std = all_gather_cat(r.group_std, d)
+def round_metrics(lengths: torch.Tensor, trunc: torch.Tensor, per_func: torch.Tensor, rewards: torch.Tensor,
+                  group_std: torch.Tensor, names: list[str], failures: int = 0) -> dict[str, float]:
+    """TRL-named reward and completion statistics of a round, from every rank's completions."""
     term = lengths[trunc == 0]
     m = {"reward": torch.nanmean(rewards).item(), "reward_std": group_std.mean().item(),
          "frac_reward_zero_std": (group_std.abs() < 1e-8).float().mean().item(),
@@ -92,11 +106,11 @@ def rollout_metrics(r: Rollout, names: list[str], d: Dist) -> dict[str, float]:
          "completions/max_length": lengths.max().item(), "completions/clipped_ratio": trunc.mean().item(),
          "completions/mean_terminated_length": term.mean().item() if term.numel() else 0.0}
     for j, name in enumerate(names):
-        col = per_func[:, j]
+        col = per_func[:, j].contiguous()
         m[f"rewards/{name}/mean"] = torch.nanmean(col).item()
         m[f"rewards/{name}/std"] = adv_fns.nanstd(col).item() if (~col.isnan()).sum() > 1 else 0.0
-    if r.reward_failures:
-        m["rewards/failures"] = float(r.reward_failures)
+    if failures:
+        m["rewards/failures"] = float(failures)
     return m
 
 

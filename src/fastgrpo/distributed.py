@@ -107,6 +107,11 @@ def all_gather_cat(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat(out)
 
 
+def all_gather_rows(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """[world_size, *t.shape]: every rank's `t`, in rank order (one collective; [1, *t.shape] on one process)."""
+    return all_gather_cat(t.unsqueeze(0), d)
+
+
 def all_reduce_max(value: int, d: Dist) -> int:
     if not d.enabled:
         return value
@@ -115,23 +120,42 @@ def all_reduce_max(value: int, d: Dist) -> int:
     return int(t.item())
 
 
-def average_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+def average_gradients(params: list[torch.nn.Parameter], d: Dist, extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Mean of each gradient over ranks, flattened into one buffer per dtype to keep the calls few. DTensor
-    gradients (FSDP2) were already reduce-scattered and averaged during backward, and are left alone."""
+    gradients (FSDP2) were already reduce-scattered and averaged during backward, and are left alone.
+
+    extra: a small tensor of small integer counts (exact in any float dtype), summed (not averaged) over ranks in
+    the same collective as a gradient buffer on its device (else in one of its own); returned reduced. The loop
+    passes its non-finite-loss flag here, so that an optimizer step costs one all-reduce, not two."""
     if not d.enabled:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        return extra
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None and not isinstance(p.grad, DTensor):
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+            by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    carrier = None
+    if extra is not None:
+        same_device = [k for k in by_dtype if k[1] == extra.device]
+        carrier = (extra.dtype, extra.device) if (extra.dtype, extra.device) in same_device else \
+            (same_device[0] if same_device else None)
+    reduced = None
+    for key, grads in by_dtype.items():
+        tail = [extra.reshape(-1).to(key[0])] if key == carrier else []
+        flat = torch.cat([g.reshape(-1) for g in grads] + tail)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        n = flat.numel() - sum(x.numel() for x in tail)
+        if tail:
+            reduced = flat[n:].to(extra.dtype).view_as(extra)
+        flat = flat[:n]
         flat /= d.world_size
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+    if extra is not None and reduced is None:  # no gradient buffer to ride along (FSDP2, or no gradients)
+        reduced = extra.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
 
 
 def barrier(d: Dist) -> None:

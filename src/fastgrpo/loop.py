@@ -27,7 +27,7 @@ import torch
 
 from . import batch as B
 from .checkpoint import TrainerState
-from .distributed import Dist, all_reduce_max, all_reduce_sum, average_gradients, clip_grad_norm, set_gradient_sync
+from .distributed import Dist, all_gather_rows, all_reduce_max, average_gradients, clip_grad_norm, set_gradient_sync
 from .loss import LossParams
 from .metrics import MetricsSink, Timer
 from .rollout import Generation, Generator, SamplingParams
@@ -111,7 +111,8 @@ def _reference_context(run: Run):
 def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     cfg, plan = run.config, run.plan
     with timer("reward_time"):
-        r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state)
+        r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state,
+                            timer)
     all_idx = list(range(len(r)))
     lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
     passes = _plan_passes(run, all_idx, lengths)
@@ -134,12 +135,17 @@ def _plan_passes(run: Run, order: list[int], lengths: list[int]) -> list[list[in
 
 def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, bool]:
     """Average gradients over ranks (replicated ranks; FSDP2 did it in backward), clip, step; skip the update if
-    anything is non-finite."""
-    average_gradients(run.trainable, run.dist)
+    anything is non-finite on any rank.
+
+    One collective: the count of ranks whose loss is non-finite rides in the gradient all-reduce. The gradient norm
+    needs none of its own: it is computed from the averaged gradients (replicated) or across ranks (FSDP2), so every
+    rank sees the same norm, and with it the same decision."""
+    bad_loss = (~torch.isfinite(sums["loss"].detach())).float().reshape(1)
+    bad_loss = average_gradients(run.trainable, run.dist, extra=bad_loss)
     max_norm = run.config.max_grad_norm or math.inf
     norm = clip_grad_norm(run.trainable, max_norm)
-    ok = torch.isfinite(norm) and torch.isfinite(sums["loss"])
-    ok = bool(all_reduce_sum(ok.float().reshape(1), run.dist).item() == run.dist.world_size)
+    norm_value, bad = torch.cat([norm.detach().float().reshape(1).cpu(), bad_loss.cpu()]).tolist()
+    ok = math.isfinite(norm_value) and bad == 0
     if ok:
         run.optimizer.step()
         run.scheduler.step()
@@ -148,13 +154,25 @@ def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, boo
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return float(norm), ok
+    return norm_value, ok
 
 
-def _step_metrics(run: Run, sums: dict[str, torch.Tensor], grad_norm: float) -> dict[str, float]:
+#: Timers whose slowest rank is logged as `dist/<name>_max` under torchrun (rank 0 writes the metrics, so its own
+#: times are the plain keys; the gap to the max is what rank 0 waited for the others at the next collective).
+RANK_TIMERS = ("generation_time", "reward_time", "round_sync_time", "logprob_time", "train_time", "sync_time")
+
+
+def _step_metrics(run: Run, sums: dict[str, torch.Tensor], grad_norm: float,
+                  times: dict[str, float] | None = None) -> dict[str, float]:
+    """The step's loss statistics over all ranks, from one all-gather of every rank's sums (and timers): sums add
+    up, `_min` / `_max` statistics take the min / max over ranks."""
     keys = sorted(sums)
-    vec = all_reduce_sum(torch.stack([sums[k].float().cpu() for k in keys if not k.endswith(("_min", "_max"))]), run.dist)
-    tot = dict(zip([k for k in keys if not k.endswith(("_min", "_max"))], vec.tolist()))
+    times = times or {}
+    local = torch.stack([sums[k].detach().double() for k in keys]).cpu()  # one device sync, not one per key
+    if run.dist.enabled:
+        local = torch.cat([local, torch.tensor([float(times.get(k, 0.0)) for k in RANK_TIMERS], dtype=torch.float64)])
+    rows = all_gather_rows(local, run.dist)                            # [world, keys (+ timers)]
+    tot = reduce_rows(keys, rows[:, :len(keys)])
     tokens = max(tot["tokens"], 1.0)
     m = {"loss": tot["loss"] / run.dist.world_size, "grad_norm": grad_norm,
          "learning_rate": run.scheduler.get_last_lr()[0], "entropy": tot["entropy"] / tokens,
@@ -166,11 +184,24 @@ def _step_metrics(run: Run, sums: dict[str, torch.Tensor], grad_norm: float) -> 
     if "is_count" in tot:
         c = max(tot["is_count"], 1.0)
         m.update({"sampling/importance_sampling_ratio/mean": tot["is_sum"] / c,
-                  "sampling/importance_sampling_ratio/min": float(sums["is_min"]),
-                  "sampling/importance_sampling_ratio/max": float(sums["is_max"]),
+                  "sampling/importance_sampling_ratio/min": tot["is_min"],
+                  "sampling/importance_sampling_ratio/max": tot["is_max"],
                   "sampling/sampling_logp_difference/mean": tot["logp_diff_sum"] / c,
-                  "sampling/sampling_logp_difference/max": float(sums["logp_diff_max"])})
+                  "sampling/sampling_logp_difference/max": tot["logp_diff_max"]})
+    if run.dist.enabled:
+        slowest = rows[:, len(keys):].max(0).values.tolist()
+        m.update({f"dist/{k}_max": v for k, v in zip(RANK_TIMERS, slowest) if k in times})
     return m
+
+
+def reduce_rows(keys: list[str], rows: torch.Tensor) -> dict[str, float]:
+    """rows: [ranks, len(keys)] per-rank statistics -> one value per key: the sum over ranks, or the min / max for
+    keys ending in `_min` / `_max`."""
+    out = {}
+    for j, k in enumerate(keys):
+        col = rows[:, j]
+        out[k] = float(col.min() if k.endswith("_min") else col.max() if k.endswith("_max") else col.sum())
+    return out
 
 
 def _accumulate(sums: dict, s: dict) -> None:
@@ -208,8 +239,7 @@ def train_loop(run: Run) -> dict[str, float]:
             else:
                 pending = None
             r = _prepare(run, prompts, gen, timer)
-            round_metrics = B.rollout_metrics(r, [f.name for f in run.reward_funcs], run.dist)
-            round_tokens = int(all_reduce_sum(torch.tensor(float(sum(len(c) for c in r.completion_ids))), run.dist))
+            round_metrics, round_tokens = r.metrics, r.round_tokens  # gathered with the round's token total
             state.total_tokens += round_tokens
             lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
             save_due = False
@@ -233,8 +263,9 @@ def train_loop(run: Run) -> dict[str, float]:
                         with timer("sync_time"):
                             run.generator.update_weights(run.model)
                     now = time.perf_counter()
-                    m = {**round_metrics, **_step_metrics(run, sums, grad_norm), **timer.pop(),
-                         "generation_time": gen_time, "epoch": state.epoch, "num_tokens": state.total_tokens,
+                    times = {**timer.pop(), "generation_time": gen_time}
+                    m = {**round_metrics, **_step_metrics(run, sums, grad_norm, times), **times,
+                         "epoch": state.epoch, "num_tokens": state.total_tokens,
                          **run.generator.stats(), "step_time": now - t_prev,
                          "tokens_per_second": round_tokens / max(now - t_round, 1e-9)}
                     t_prev, gen_time = now, 0.0
