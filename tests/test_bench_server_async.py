@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fastgrpo import bench_server
 
@@ -186,3 +187,32 @@ def test_rollout_child_logs_at_info_and_scores_formatted_answers():
                     stamp + r"MainProcess fastgrpo\.bench_server INFO: async pipeline: t=\d+s step=0 policy_version=1 "
                     r"rollout_queue=\d+ rollout_child=alive heartbeat_age="):
         assert re.search(pattern, out, re.M), (pattern, out[-4000:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_matches_dense_attention_per_segment(causal):
+    from fastgrpo.bench_server import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    H, hkv, D = 6, 2, 8
+    lq, lk = [3, 5, 1, 4], [7, 5, 2, 4]  # segments with fewer queries than keys, and equal ones
+    q = torch.randn(sum(lq), H, D, generator=g, requires_grad=True)
+    k = torch.randn(sum(lk), hkv, D, generator=g, requires_grad=True)
+    v = torch.randn(sum(lk), hkv, D, generator=g, requires_grad=True)
+    cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    out = varlen_attention(q, k, v, cu(lq), cu(lk), max(lq), max(lk), softmax_scale=0.4, causal=causal)
+    want, q0, k0 = [], 0, 0
+    for a, b in zip(lq, lk):  # dense reference: explicit scores, bottom-right causal mask, heads h -> h // 3
+        qs, ks, vs = q[q0:q0 + a], k[k0:k0 + b].repeat_interleave(H // hkv, 1), v[k0:k0 + b].repeat_interleave(H // hkv, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * 0.4
+        if causal:
+            allowed = torch.arange(b)[None, :] <= torch.arange(a)[:, None] + (b - a)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        want.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs))
+        q0, k0 = q0 + a, k0 + b
+    want = torch.cat(want)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    gw = torch.randn(want.shape, generator=g)
+    grads = torch.autograd.grad((out * gw).sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad((want * gw).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,8 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 10 (issues 6, 7): GPUs 2+3: fastgrpo server-async, then TRL's AsyncGRPOTrainer; at the same time GPU 0: the
+#    GPU tests, GPU 1: fastgrpo colocate, then TRL colocate.
 # Results of the runs made: docs/benchmarks.md, section 5.
 set -u
 phase=$1; out=${2:-/tmp/out}; steps=${STEPS:-11}; R=/tmp/res/phase$phase; mkdir -p "$out" "$R"
@@ -170,6 +172,19 @@ case $phase in
   CUDA_VISIBLE_DEVICES=3 bench --only trl-novllm,trl-colocate --budget 520 --out "$R/bench-d" > "$R/lane-d.txt" 2>&1
   wait $a $c
   python -m fastgrpo.bench --report "$R/bench-c/results.jsonl" "$R/bench-d/results.jsonl" --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
+  ;;
+10)
+  bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-500}" \
+    --out "$R/bench-a" > "$R/lane-a.txt" 2>&1 &
+  a=$!
+  CUDA_VISIBLE_DEVICES=1 bench --only fastgrpo-colocate,trl-colocate --budget 470 --out "$R/bench-b" \
+    > "$R/lane-b.txt" 2>&1 &
+  b=$!
+  CUDA_VISIBLE_DEVICES=0 timeout 480 python -m pytest -q -p no:cacheprovider -m gpu tests/test_graphed.py \
+    tests/test_vllm_colocate.py > "$R/gpu-tests.txt" 2>&1; tail -3 "$R/gpu-tests.txt"
+  wait $a $b
+  python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)

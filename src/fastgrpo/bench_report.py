@@ -41,7 +41,8 @@ def summarize(results: list[dict]) -> str:
         mem = _f(r.get("gpu_peak_used_gib"), "{:.1f}") + _f(r.get("torch_peak_reserved_gib"), " ({:.1f})").replace("—", "")
         ref = trl.get(("colocate" if r["mode"] == "async" else r["mode"], r["G"], r["L"]))
         if r["framework"] == "trl" and r["mode"] == "server-async":
-            notes.append("AsyncGRPOTrainer")
+            notes.append("AsyncGRPOTrainer" + ("; tree attention on PyTorch SDPA (FA3 kernel not loadable)"
+                                               if "SDPA" in str(r.get("config", {}).get("tree_attention")) else ""))
         vl, ours = vllm.get((r["G"], r["L"])), r["framework"] != "vllm" and s
         lines.append("| " + " | ".join([
             r["framework"], r["mode"], str(r["G"]), str(r["L"]), _f(s), _f(r.get("it_per_s"), "{:.3f}"),

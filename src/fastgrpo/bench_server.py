@@ -33,6 +33,14 @@ sample") are thinned: each kind of line (its text with the numbers masked) passe
 the count held back. A watchdog line every 15 s gives the step, the rollout queue's size, the policy version and the
 child's heartbeat age and liveness, since TRL logs the queue wait only once a sample has arrived.
 
+Attention: AsyncGRPOTrainer trains on packed prompt trees through `flash_attn_varlen_func` of FlashAttention 3,
+which it fetches from the Hugging Face Hub at the first forward (`kernels.get_kernel("kernels-community/
+flash-attn3")`). Where that cannot load (the `kernels` package or the Hub unreachable, as on an offline GPU host),
+the cell gives TRL `varlen_attention` instead: the same function (variable-length segments, causal mask aligned
+to the bottom right as FlashAttention 2.1+ does when a segment has fewer queries than keys, grouped-query heads)
+computed segment by segment with PyTorch's scaled_dot_product_attention. The table notes it; FA3 itself would be
+faster, so that cell's s/step is an upper bound of TRL's.
+
 Time to the first step: the worker dispatches max_inflight_tasks = max_staleness x 128 = 512 requests at once and
 scores a group only when all its generations are back; with a random-weight model all run to max_completion_length
 (near-uniform sampling draws EOS ~2 times in 151,936), so any group is complete only when the whole wave is, and the
@@ -56,7 +64,11 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from itertools import pairwise
 from pathlib import Path
+
+import torch
 
 SERVER_START_TIMEOUT = 420.0
 
@@ -231,6 +243,44 @@ def watching(trainer, every_s: float = 15.0):
         log.info(f"async pipeline at the end: {state()}")
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **_):
+    """FlashAttention's varlen function in PyTorch: q [total_q, H, D], k/v [total_k, Hkv, D], segment offsets
+    cu_seqlens_q/k [n + 1] -> out [total_q, H, D]. Causal: query j of a segment with Lq queries and Lk keys sees
+    keys 0 .. Lk - Lq + j (bottom-right alignment)."""
+    import torch.nn.functional as F
+
+    if softcap or tuple(window_size) != (-1, -1):
+        raise NotImplementedError("varlen_attention: softcap and sliding windows are not supported")
+    out = torch.empty_like(q)
+    for (q0, q1), (k0, k1) in zip(pairwise(cu_seqlens_q.tolist()), pairwise(cu_seqlens_k.tolist())):
+        if q1 == q0:
+            continue
+        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [1, heads, len, D]
+        mask = None
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril_(lk - lq)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=softmax_scale,
+                                           enable_gqa=ks.shape[1] != qs.shape[1])
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def _flash_attention_or_stand_in() -> bool:
+    """True when TRL's tree attention gets `varlen_attention` because FlashAttention 3 cannot be loaded."""
+    from trl.experimental.async_grpo import packing
+
+    try:
+        packing._flash_attn()
+        return False
+    except Exception as e:  # ImportError (no `kernels`), or the Hub unreachable
+        logging.getLogger(__name__).warning("AsyncGRPOTrainer's FlashAttention 3 kernel cannot load (%s: %s); its tree attention runs on "
+                    "fastgrpo.bench_server.varlen_attention (PyTorch SDPA per segment)", type(e).__name__, e)
+        packing._flash_attn = lambda: types.SimpleNamespace(flash_attn_varlen_func=varlen_attention)
+        return True
+
+
 def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: dict) -> dict:
     """TRL 1.16's AsyncGRPOTrainer against the already started server (spec["server_port"])."""
     import dataclasses
@@ -242,6 +292,7 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
     from .bench import _known
 
     log_async_grpo()  # before the trainer: its __init__ already logs (max_inflight_tasks, sync mode)
+    stand_in = _flash_attention_or_stand_in()
     # vllm_* fields are left out: the server is given as vllm_server_base_url
     fields, dropped = _known(values, {f.name for f in dataclasses.fields(AsyncGRPOConfig)
                                       if not f.name.startswith("vllm_")})
@@ -272,6 +323,7 @@ def run_trl_async(spec: dict, clock, cuda: bool, values: dict, trainer_kwargs: d
         x.update(tokens=lengths.get(x["step"], 0.0) * cps)
     return {"split": None, "dropped_extra": dropped, "completions_per_step": cps,
             "config": {**fields, "trl_version": trl.__version__, "trainer": "AsyncGRPOTrainer",
+                       "tree_attention": "fastgrpo varlen_attention (SDPA)" if stand_in else "FlashAttention 3",
                        **{k: getattr(args, k) for k in ("max_staleness", "token_budget", "dtype",
                                                         "gradient_checkpointing", "loss_type",
                                                         "max_inflight_tasks")
