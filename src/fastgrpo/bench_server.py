@@ -243,26 +243,38 @@ def watching(trainer, every_s: float = 15.0):
         log.info(f"async pipeline at the end: {state()}")
 
 
+_OFFSETS: list[tuple[torch.Tensor, list[int]]] = []  # the last segment offsets seen, on the host
+
+
+def _host(offsets: torch.Tensor) -> list[int]:
+    """offsets.tolist(), once per tensor: every layer of a micro-batch gets the same cu_seqlens tensors, and each
+    copy to the host would wait for the GPU."""
+    for t, values in _OFFSETS:
+        if t is offsets:
+            return values
+    _OFFSETS.insert(0, (offsets, offsets.tolist()))
+    del _OFFSETS[4:]
+    return _OFFSETS[0][1]
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **_):
     """FlashAttention's varlen function in PyTorch: q [total_q, H, D], k/v [total_k, Hkv, D], segment offsets
     cu_seqlens_q/k [n + 1] -> out [total_q, H, D]. Causal: query j of a segment with Lq queries and Lk keys sees
-    keys 0 .. Lk - Lq + j (bottom-right alignment)."""
+    keys 0 .. Lk - Lq + j (bottom-right alignment), given to SDPA as `causal_lower_right` so that its fused kernels
+    apply."""
     import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
 
     if softcap or tuple(window_size) != (-1, -1):
         raise NotImplementedError("varlen_attention: softcap and sliding windows are not supported")
     out = torch.empty_like(q)
-    for (q0, q1), (k0, k1) in zip(pairwise(cu_seqlens_q.tolist()), pairwise(cu_seqlens_k.tolist())):
+    for (q0, q1), (k0, k1) in zip(pairwise(_host(cu_seqlens_q)), pairwise(_host(cu_seqlens_k))):
         if q1 == q0:
             continue
         qs, ks, vs = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [1, heads, len, D]
-        mask = None
-        if causal:
-            lq, lk = q1 - q0, k1 - k0
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril_(lk - lq)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=softmax_scale,
-                                           enable_gqa=ks.shape[1] != qs.shape[1])
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(q1 - q0, k1 - k0) if causal
+                                           else None, scale=softmax_scale, enable_gqa=ks.shape[1] != qs.shape[1])
         out[q0:q1] = o[0].transpose(0, 1)
     return out
 
