@@ -16,6 +16,8 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phases 11-13 (issue 9, 8 GPUs, never run): 2 server GPUs (vLLM DP 2) + 6 ranks; 4 server GPUs (DP 2 x TP 2) + 4
+#    ranks; the larger config on 2 + 6. Phase 14: the 1-GPU, 2-rank and 1 + 1 server baselines on the same host.
 #  phase 10 (issues 6, 7): GPUs 2+3: fastgrpo server-async, then TRL's AsyncGRPOTrainer; at the same time GPU 0: the
 #    GPU tests, GPU 1: fastgrpo colocate, then TRL colocate.
 # Results of the runs made: docs/benchmarks.md, section 5.
@@ -73,6 +75,14 @@ versus() {
     torchrun --nproc_per_node "$n" --master_port 29614 "$theirs"
   kill $server_pid
   summary "$tag" $((128 * n)); summary "trl$tag" $((128 * n))
+}
+
+BIG=', "num_generations": 16, "max_completion_length": 1024, "learning_rate": 1e-6'
+full_ft_scripts() {  # the recipe's scripts (fastgrpo, TRL) with get_peft_model(...) taken out; prompts + 1024 tokens
+  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' "$repo/examples/recipe.py" > /tmp/recipe_full.py
+  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' /tmp/trl_recipe.py > /tmp/trl_recipe_full.py
+  grep -q "full fine-tuning" /tmp/recipe_full.py && grep -q "full fine-tuning" /tmp/trl_recipe_full.py || echo "full-FT edit failed"
+  export MAX_MODEL_LEN=1536
 }
 
 fsdp2_smoke() {  # fsdp2_smoke STEPS TIMEOUT: torchrun 2 ranks on GPUs 0,1, full fine-tuning (FSDP2), vLLM colocate
@@ -142,12 +152,28 @@ case $phase in
   ;;
 7)  # issue 9: the larger config (G 16, L 1024, full fine-tuning: FSDP2 in fastgrpo, DDP in TRL under torchrun) on
     # 1 server GPU + 3 trainer ranks; the recipe's scripts with get_peft_model(...) taken out
-  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' "$repo/examples/recipe.py" > /tmp/recipe_full.py
-  sed 's/^model = get_peft_model(model, lora_config)$/pass  # full fine-tuning/' /tmp/trl_recipe.py > /tmp/trl_recipe_full.py
-  grep -q "full fine-tuning" /tmp/recipe_full.py && grep -q "full fine-tuning" /tmp/trl_recipe_full.py || echo "full-FT edit failed"
-  export MAX_MODEL_LEN=1536  # prompts up to 512 + 1024 completion tokens
-  versus big3 3 0,1,2 3 170 ', "num_generations": 16, "max_completion_length": 1024, "learning_rate": 1e-6' \
-    /tmp/recipe_full.py /tmp/trl_recipe_full.py
+  full_ft_scripts
+  versus big3 3 0,1,2 3 170 "$BIG" /tmp/recipe_full.py /tmp/trl_recipe_full.py
+  ;;
+11)  # issue 9, 8 GPUs: 2 server GPUs (vLLM data parallel) + 6 trainer ranks, recipe config
+  versus srv26 0,1 2,3,4,5,6,7 6 200 "" "$repo/examples/recipe.py" /tmp/trl_recipe.py --data-parallel-size 2
+  ;;
+12)  # issue 9, 8 GPUs: 4 server GPUs (vLLM data parallel 2 x tensor parallel 2) + 4 trainer ranks, recipe config
+  versus srv44 0,1,2,3 4,5,6,7 4 200 "" "$repo/examples/recipe.py" /tmp/trl_recipe.py \
+    --data-parallel-size 2 --tensor-parallel-size 2
+  ;;
+13)  # issue 9, 8 GPUs: the larger config (as phase 7) on 2 server GPUs (data parallel) + 6 trainer ranks
+  full_ft_scripts
+  versus big26 0,1 2,3,4,5,6,7 6 200 "$BIG" /tmp/recipe_full.py /tmp/trl_recipe_full.py --data-parallel-size 2
+  ;;
+14)  # issue 9's baselines on the same host: the recipe on 1 GPU (GPU 0), then torchrun 2 ranks colocate (GPUs 0,1);
+     # at the same time 1 server GPU + 1 trainer GPU (GPUs 2,3), fastgrpo then TRL
+  ( recipe one 0 150 "" python "$repo/examples/recipe.py"
+    recipe ddp2 0,1 170 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py"
+    summary one 128; summary ddp2 256 ) &
+  a=$!
+  versus srv11 3 2 1 170 "" "$repo/examples/recipe.py" /tmp/trl_recipe.py
+  wait $a
   ;;
 8)
   bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-520}" \
