@@ -15,6 +15,7 @@ from fastgrpo.logprobs import causal_lm_parts
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.decode import decode, sample_tiles
 from fastgrpo.rollout.hf import HFGenerator
+from fastgrpo.testing import left_padded
 
 
 def _softmax64(h, w, b, t):
@@ -57,16 +58,6 @@ def _greedy_pick(head, h):
     return torch.nn.functional.linear(h, head.weight).argmax(-1)
 
 
-def _left_padded(prompts, pad_id):
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
-    return ids, att
-
-
 def test_decode_matches_greedy_generate(tiny_model_factory, char_tokenizer):
     model = tiny_model_factory(seed=5, hidden=64, tie=False).eval()
     g = torch.Generator().manual_seed(9)
@@ -76,7 +67,7 @@ def test_decode_matches_greedy_generate(tiny_model_factory, char_tokenizer):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p is model.lm_head.weight else 0.3))
     pad = char_tokenizer.pad_token_id
     prompts = [torch.randint(0, 95, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
-    ids, att = _left_padded(prompts, pad)
+    ids, att = left_padded(prompts, pad)
     width, steps = ids.shape[1], 12
     ref = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=steps, do_sample=False,
                          eos_token_id=None, pad_token_id=pad)[:, width:].tolist()

@@ -16,6 +16,7 @@ from fastgrpo.logprobs import causal_lm_parts
 from fastgrpo.rollout import graphed
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.hf import HFGenerator, draw
+from fastgrpo.testing import left_padded
 
 
 class _Heads(torch.nn.Module):
@@ -57,20 +58,10 @@ def _tiny_llama(vocab, attn):
     return LlamaForCausalLM(cfg)
 
 
-def _left_padded(prompts, pad_id):
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
-    return ids, att
-
-
 def _check_against_generate(model, pad, device="cpu", graph=False, steps=13):
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
-    ids, att = (x.to(device) for x in _left_padded(prompts, pad))
+    ids, att = (x.to(device) for x in left_padded(prompts, pad))
     width = ids.shape[1]
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=steps, do_sample=False,
@@ -106,7 +97,7 @@ def test_decode_matches_greedy_generate_llama(char_tokenizer):
 def test_attention_setting_restored_after_a_failure(tiny_model_factory, char_tokenizer):
     model = tiny_model_factory(seed=1)
     backbone, head = causal_lm_parts(model)
-    ids, att = _left_padded([[5, 6], [7]], char_tokenizer.pad_token_id)
+    ids, att = left_padded([[5, 6], [7]], char_tokenizer.pad_token_id)
 
     def broken(logits):
         raise RuntimeError("draw failed")
