@@ -16,6 +16,8 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 15 (issue 7, never run): phase 10's server lanes with each comparison on one pair: 2+3 fastgrpo
+#    server-async then AsyncGRPOTrainer; 0+1 TRL server mode then fastgrpo server-async.
 #  phases 11-13 (issue 9, 8 GPUs, never run): 2 server GPUs (vLLM DP 2) + 6 ranks; 4 server GPUs (DP 2 x TP 2) + 4
 #    ranks; the larger config on 2 + 6. Phase 14: the 1-GPU, 2-rank and 1 + 1 server baselines on the same host.
 #  phase 10 (issues 6, 7): GPUs 2+3: fastgrpo server-async, then TRL's AsyncGRPOTrainer; at the same time GPU 0: the
@@ -212,6 +214,17 @@ case $phase in
   wait $a $b
   python -m fastgrpo.bench --report "$R/bench-a/results.jsonl" "$R/bench-b/results.jsonl" --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
+  ;;
+15)  # issue 7's two comparisons, each on one GPU pair (never run): GPUs 2+3: fastgrpo server-async, then TRL's
+     # AsyncGRPOTrainer; at the same time GPUs 0+1: TRL server mode, then fastgrpo server-async again
+  bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-500}" \
+    --out "$R/bench-a" > "$R/lane-a.txt" 2>&1 &
+  a=$!
+  bench --only trl-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget "${BUDGET:-500}" \
+    --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
+  wait $a
+  for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
+    echo "GPU pair $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
