@@ -40,6 +40,7 @@ def _qwen2_tokenizer():
 
 
 def test_chatml_response_template_keeps_think_in_content():
+    pytest.importorskip("trl")
     from trl.chat_template_utils import parse_response, qwen3_template
 
     from fastgrpo.rewards import format_reward
