@@ -141,3 +141,35 @@ def test_generator_on_cuda_samples_through_the_graph(tiny_model_factory, char_to
     for c, r in zip(out.completion_ids, out.finish_reasons):
         assert (r == "stop") == (c[-1] == eos) and (r == "stop" or len(c) == 40)
     assert len({tuple(c) for c in out.completion_ids}) > 12, "samples of one prompt should differ"
+
+
+def test_generator_falls_back_to_eager_steps_then_generate_on_failures(tiny_model_factory, char_tokenizer,
+                                                                        monkeypatch):
+    """A failing capture is retried as eager static steps; a failure of those turns the static path off for good
+    (generate from then on); each is warned about once and no chunk is lost."""
+    gen = HFGenerator(tiny_model_factory(seed=2), [char_tokenizer.eos_token_id], char_tokenizer.pad_token_id)
+    params = SamplingParams(n=2, max_tokens=5, temperature=0.0)
+    static = gen._static(params, torch.device("cuda"))  # built as on a GPU; decode runs on CPU tensors here
+    ids, att = left_padded([[5, 6, 7], [8, 9]], char_tokenizer.pad_token_id)
+    want = graphed.decode(*static[:2], static[2], ids, att, 5, gen.eos_ids, graph=False)
+    real, calls = graphed.decode, []
+
+    def flaky(*a, graph, **k):
+        calls.append(graph)
+        if graph:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(*a, graph=graph, **k)
+
+    monkeypatch.setattr(graphed, "decode", flaky)
+    with pytest.warns(UserWarning, match="without a CUDA graph"):
+        assert gen._decode_static(static, ids, att, params) == want
+    assert calls == [True, False] and gen._graph == "eager"
+    assert gen._decode_static(static, ids, att, params) == want and calls[-1] is False  # no second capture
+
+    def broken(*a, **k):
+        raise TypeError("cache.update() got an unexpected keyword")
+
+    monkeypatch.setattr(graphed, "decode", broken)
+    with pytest.warns(UserWarning, match=r"generate\(\)"):
+        assert gen._decode_static(static, ids, att, params) is None
+    assert gen._graph == "off" and gen._static(params, torch.device("cuda")) is None
