@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import signal
 import threading
@@ -111,8 +112,8 @@ def _reference_context(run: Run):
 def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     cfg, plan = run.config, run.plan
     with timer("reward_time"):
-        r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist, run.state,
-                            timer)
+        r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist,
+                            run.state, timer)
     all_idx = list(range(len(r)))
     lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
     passes = _plan_passes(run, all_idx, lengths)
@@ -194,24 +195,20 @@ def _step_metrics(run: Run, sums: dict[str, torch.Tensor], grad_norm: float,
     return m
 
 
+def _combine(key: str):
+    """How statistic `key` merges over micro-batches and ranks: min / max for keys ending in `_min` / `_max`, else
+    the sum."""
+    return torch.minimum if key.endswith("_min") else torch.maximum if key.endswith("_max") else torch.add
+
+
 def reduce_rows(keys: list[str], rows: torch.Tensor) -> dict[str, float]:
-    """rows: [ranks, len(keys)] per-rank statistics -> one value per key: the sum over ranks, or the min / max for
-    keys ending in `_min` / `_max`."""
-    out = {}
-    for j, k in enumerate(keys):
-        col = rows[:, j]
-        out[k] = float(col.min() if k.endswith("_min") else col.max() if k.endswith("_max") else col.sum())
-    return out
+    """rows: [ranks, len(keys)] per-rank statistics -> one value per key, merged over ranks by `_combine`."""
+    return {k: float(functools.reduce(_combine(k), rows[:, j].unbind())) for j, k in enumerate(keys)}
 
 
 def _accumulate(sums: dict, s: dict) -> None:
     for k, v in s.items():
-        if k.endswith("_min"):
-            sums[k] = torch.minimum(sums[k], v) if k in sums else v
-        elif k.endswith("_max"):
-            sums[k] = torch.maximum(sums[k], v) if k in sums else v
-        else:
-            sums[k] = sums[k] + v if k in sums else v
+        sums[k] = _combine(k)(sums[k], v) if k in sums else v
 
 
 def train_loop(run: Run) -> dict[str, float]:
