@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import time
 
 import torch
@@ -19,6 +18,7 @@ from transformers import LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
 from fastgrpo.logprobs import causal_lm_parts
 from fastgrpo.rollout import graphed
+from fastgrpo.rollout.decode import cache_kwarg
 from fastgrpo.rollout.hf import InverseCdfSampler, draw
 from fastgrpo.testing import qwen2_0_5b_config
 
@@ -69,7 +69,7 @@ def main() -> None:
         mask = torch.ones(args.rows, 1, 1, kv.length, dtype=torch.bool, device=device)
         tok = ids[:, -1:].clone()
         pos = torch.full((args.rows, 1), args.prompt, device=device)
-        kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        kw = cache_kwarg(backbone)
         kv.col.fill_(args.prompt)
 
         def step():

@@ -60,6 +60,12 @@ def sample_tiles(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return chosen + k
 
 
+def cache_kwarg(backbone: torch.nn.Module) -> str:
+    """The backbone's KV-cache argument: `cache` in transformers 5.2x (argument and output), `past_key_values`
+    before."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode(backbone: torch.nn.Module, pick: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
            attention_mask: torch.Tensor, max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:
@@ -70,8 +76,7 @@ def decode(backbone: torch.nn.Module, pick: Callable[[torch.Tensor], torch.Tenso
     B = ids.shape[0]
     att = attention_mask
     pos = (att.cumsum(-1) - 1).clamp_(min=0)
-    # transformers 5.2x names the KV cache `cache` (argument and output); earlier versions `past_key_values`
-    cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(backbone)
     out = backbone(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
     cache, h = getattr(out, "cache", None), out.last_hidden_state[:, -1]
     if cache is None:

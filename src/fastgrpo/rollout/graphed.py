@@ -26,10 +26,11 @@ penalty or extra generation arguments; everything else goes through `generate`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable
 
 import torch
+
+from .decode import cache_kwarg
 
 #: Steps between host checks for "every row has emitted EOS" (each check waits for the GPU to catch up).
 CHECK_EVERY = 32
@@ -113,7 +114,7 @@ def decode(backbone: torch.nn.Module, head: torch.nn.Module, draw: Callable[[tor
     `head` maps the last hidden states [B, H] to logits [B, V]; `draw` maps logits to next tokens [B]."""
     B, W = ids.shape
     device = ids.device
-    cache_kw = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(backbone)
     kv = StaticKV(W + max_new_tokens, device)
     valid = torch.zeros(B, kv.length, dtype=torch.bool, device=device)  # keys each row may attend to
     valid[:, :W] = attention_mask.bool()

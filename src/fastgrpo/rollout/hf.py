@@ -114,12 +114,11 @@ class HFGenerator(Generator):
                     att[i, width - len(p):] = 1
                 # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
                 ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
+                rows = None  # rows cut after their first EOS, from a decoding loop of our own
                 if lean is not None:
-                    for row in decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids):
-                        out_ids.append(row)
-                        reasons.append("stop" if row and row[-1] in self.eos_ids else "length")
-                    continue
-                rows = self._decode_static(static, ids.to(device), att.to(device), params) if static else None
+                    rows = decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids)
+                elif static is not None:
+                    rows = self._decode_static(static, ids.to(device), att.to(device), params)
                 if rows is not None:
                     out_ids.extend(rows)
                     reasons.extend("stop" if r and r[-1] in self.eos_ids else "length" for r in rows)
@@ -171,7 +170,7 @@ class HFGenerator(Generator):
         of those to `generate` (None), each once for this generator's lifetime, with a warning."""
         while self._graph != "off":
             try:
-                return graphed.decode(*static[:2], static[2], ids, att, params.max_tokens, self.eos_ids,
+                return graphed.decode(*static, ids, att, params.max_tokens, self.eos_ids,
                                       graph=self._graph == "graph", autocast=self.dtype)
             except Exception as e:  # an architecture or kernel the static path does not handle
                 fallback = "eager" if self._graph == "graph" else "off"
