@@ -71,6 +71,7 @@ from pathlib import Path
 import torch
 
 SERVER_START_TIMEOUT = 420.0
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -104,8 +105,8 @@ def serving(spec: dict, max_model_len: int):
                          max_model_len)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": spec.get("server_gpus", "1"), "VLLM_SERVER_DEV_MODE": "1"}
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     Path(spec["out_dir"], "server.pgid").write_text(str(proc.pid))
     try:
         while not _healthy(port):
@@ -212,7 +213,7 @@ def chatml_response_template() -> dict:
 @contextlib.contextmanager
 def watching(trainer, every_s: float = 15.0):
     """Log the async pipeline's state every `every_s` seconds while the block runs (see the module docstring)."""
-    log, stop, t0 = logging.getLogger(__name__), threading.Event(), time.time()
+    stop, t0 = threading.Event(), time.time()
 
     def state() -> str:
         worker, queue_ = getattr(trainer, "rollout_worker", None), getattr(trainer, "rollout_queue", None)
@@ -287,7 +288,7 @@ def _flash_attention_or_stand_in() -> bool:
         packing._flash_attn()
         return False
     except Exception as e:  # ImportError (no `kernels`), or the Hub unreachable
-        logging.getLogger(__name__).warning("AsyncGRPOTrainer's FlashAttention 3 kernel cannot load (%s: %s); its tree attention runs on "
+        log.warning("AsyncGRPOTrainer's FlashAttention 3 kernel cannot load (%s: %s); its tree attention runs on "
                     "fastgrpo.bench_server.varlen_attention (PyTorch SDPA per segment)", type(e).__name__, e)
         packing._flash_attn = lambda: types.SimpleNamespace(flash_attn_varlen_func=varlen_attention)
         return True
