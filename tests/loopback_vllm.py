@@ -23,6 +23,7 @@ class _Server(ThreadingHTTPServer):
 from urllib.parse import parse_qs, urlsplit
 
 GENERATE = "/inference/v1/generate"
+FAST_GENERATE = "/fastgrpo/v1/generate"  # fastgrpo.serve.FastGenerate's route, served when `fast=True`
 
 
 @dataclass
@@ -73,12 +74,20 @@ def generate_response(token_ids: list[int], sp: dict, finish_reason: str | None 
             "prompt_logprobs": None, "kv_transfer_params": None, "ec_transfer_params": None}
 
 
+def fast_response(token_ids: list[int], sp: dict, finish_reason: str | None = None) -> dict:
+    """The same samples as `generate_response`, in FastGenerate's compact shape (one float per token)."""
+    full = generate_response(token_ids, sp, finish_reason)
+    return {"request_id": full["request_id"],
+            "choices": [{"index": c["index"], "token_ids": c["token_ids"], "finish_reason": c["finish_reason"],
+                         "logprobs": [e["logprob"] for e in c["logprobs"]["content"]]} for c in full["choices"]]}
+
+
 class LoopbackVLLM:
     """`with LoopbackVLLM() as server: ...` serves on `server.url` until the block ends."""
 
     def __init__(self, port: int = 0, *, api_key: str | None = None, world_size: int = 2, ready_after: float = 0.0,
-                 reset_success: bool = True) -> None:
-        self.api_key, self.world_size, self.reset_success = api_key, world_size, reset_success
+                 reset_success: bool = True, fast: bool = False) -> None:
+        self.api_key, self.world_size, self.reset_success, self.fast = api_key, world_size, reset_success, fast
         self.ready_at = time.monotonic() + ready_after
         self.faults = Faults()
         self.vllm_config = {"model_config": {"dtype": "torch.bfloat16", "logprobs_mode": "processed_logprobs"},
@@ -206,10 +215,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"vllm_config": owner.vllm_config, "vllm_env": {}, "system_env": {}})
         elif method == "GET" and path == "/get_world_size":
             self._send(200, {"world_size": owner.world_size})
-        elif method == "POST" and path == GENERATE:
+        elif method == "GET" and path == FAST_GENERATE and owner.fast:
+            self._send(200, {"fastgrpo_generate": 1})
+        elif method == "POST" and (path == GENERATE or (path == FAST_GENERATE and owner.fast)):
             if not isinstance(body, dict) or not body.get("token_ids") or not isinstance(body.get("sampling_params"), dict):
                 return self._send(400, {"error": {"message": "invalid GenerateRequest", "code": 400}})
-            self._send(200, generate_response(body["token_ids"], body["sampling_params"], owner.faults.finish_reason))
+            answer = fast_response if path == FAST_GENERATE else generate_response
+            self._send(200, answer(body["token_ids"], body["sampling_params"], owner.faults.finish_reason))
         elif method == "POST" and path == "/pause":
             owner.paused = query.get("mode", "abort")
             self._send(200, {"status": "paused"})

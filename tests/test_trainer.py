@@ -590,3 +590,23 @@ def test_accuracy_reward_works_outside_the_main_thread():
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(accuracy_reward, completions, solution).result() == [1.0, 0.0]
     assert accuracy_reward(completions, solution) == [1.0, 0.0]
+
+
+def test_auto_token_budget_follows_free_memory_and_model_size():
+    """micro_batch_tokens=None on a GPU: capped where larger passes stop paying, lower when memory is short, and
+    lower for a larger model at the same free memory."""
+    from transformers import Qwen2Config
+
+    from fastgrpo.trainer import AUTO_GPU_TOKEN_BUDGET, MIN_GPU_TOKEN_BUDGET, activation_bytes_per_token, auto_token_budget
+
+    small = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24)
+    big = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28)
+    per_token = activation_bytes_per_token(small)
+    assert 24 * (8 * 896 + 4 * 4864) * 2 <= per_token <= 8 * 24 * (8 * 896 + 4 * 4864)  # a bf16 estimate, with margin
+    gib = 1 << 30
+    budgets = [auto_token_budget(small, f * gib) for f in (1, 8, 20, 40, 130)]
+    assert budgets == sorted(budgets) and budgets[0] == MIN_GPU_TOKEN_BUDGET and budgets[-1] == AUTO_GPU_TOKEN_BUDGET
+    assert all(b % 1024 == 0 for b in budgets)
+    mid = auto_token_budget(small, 20 * gib)
+    assert MIN_GPU_TOKEN_BUDGET < mid < AUTO_GPU_TOKEN_BUDGET and mid * per_token <= 10 * gib  # half the free memory
+    assert auto_token_budget(big, 40 * gib) < auto_token_budget(small, 40 * gib)

@@ -26,7 +26,7 @@ from fastgrpo.rollout.vllm_client import (
     WeightSyncError,
     server_url,
 )
-from loopback_vllm import GENERATE, Faults, LoopbackVLLM, fake_completion, generate_response
+from loopback_vllm import FAST_GENERATE, GENERATE, Faults, LoopbackVLLM, fake_completion, generate_response
 
 FAST = dict(max_retries=2, backoff=0.01, request_timeout=2.0, control_timeout=2.0, weight_timeout=5.0)
 
@@ -64,7 +64,7 @@ def test_waits_for_health_then_checks_models():
         client(s)
         assert time.monotonic() - t0 >= 0.5
         assert [c.path for c in s.calls].count("/health") >= 2
-        assert [c.path for c in s.calls][-2:] == ["/v1/models", "/server_info"]
+        assert [c.path for c in s.calls][-3:] == ["/v1/models", "/server_info", FAST_GENERATE]
 
 
 def test_server_config_checked_at_start(server, caplog):
@@ -123,6 +123,36 @@ def test_generation_shape_order_and_request(server):
     assert sp["structured_outputs"] == {"regex": "[0-9]+"} and sp["detokenize"] is False
     assert sp["output_kind"] == 2  # FINAL_ONLY: all n samples in the one response
     assert sorted(b["token_ids"] for b in bodies) == sorted(prompts)
+
+
+def test_fast_route_used_when_the_server_has_it():
+    """A `fastgrpo vllm-serve` server answers GET /fastgrpo/v1/generate: generation goes there, with the same body,
+    and gives the same samples as vLLM's route; a server without it (404) keeps vLLM's route."""
+    prompts, sp = [[1, 2, 3], [4, 5]], SamplingParams(n=3, max_tokens=6, seed=11)
+    outs = {}
+    for fast in (True, False):
+        with LoopbackVLLM(fast=fast) as s:
+            c = client(s)
+            assert c.generate_path == (FAST_GENERATE if fast else GENERATE)
+            outs[fast] = c.generate(prompts, sp)
+            posted = [x for x in s.calls if x.method == "POST"]
+            assert {x.path for x in posted} == {FAST_GENERATE if fast else GENERATE}
+            assert sorted(x.body["sampling_params"]["seed"] for x in posted) == [11, 14]
+    assert outs[True].completion_ids == outs[False].completion_ids
+    assert outs[True].logprobs == outs[False].logprobs and outs[True].finish_reasons == outs[False].finish_reasons
+
+
+def test_fast_route_answers_are_validated():
+    with LoopbackVLLM(fast=True) as s:
+        c = client(s)
+        s.faults = Faults(raw=(200, json.dumps({"choices": [{"index": 0, "token_ids": [1, 2], "finish_reason": "stop",
+                                                              "logprobs": [-0.5]}]}).encode()), paths=(FAST_GENERATE,))
+        with pytest.raises(ServerProtocolError, match="one number per token"):
+            c.generate([[1]], SamplingParams(n=1, max_tokens=4))
+        s.faults = Faults(raw=(200, json.dumps({"choices": [{"index": 0, "token_ids": [1], "finish_reason": "stop",
+                                                              "logprobs": ["x"]}]}).encode()), paths=(FAST_GENERATE,))
+        with pytest.raises(ServerProtocolError, match="not a finite number"):
+            c.generate([[1]], SamplingParams(n=1, max_tokens=4))
 
 
 def test_large_batch_is_concurrent_and_ordered(server):
@@ -370,7 +400,7 @@ def test_real_iter_sync_weights_if_available(server):
 def test_sleep_wake(server):
     g = client(server)
     g.sleep(), g.wake()
-    assert server.paths() == ["/v1/models", "/server_info"]  # no-ops unless configured
+    assert server.paths() == ["/v1/models", "/server_info", FAST_GENERATE]  # no-ops unless configured
     g = client(server, cfg_kw={"vllm_enable_sleep_mode": True}, weight_sender=FakeSender(), iter_weights=fake_weights([]))
     g.sleep()
     g.update_weights(torch.nn.Linear(2, 2))  # wakes first

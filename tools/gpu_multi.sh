@@ -16,6 +16,7 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 16 (issues 6, 7; one GPU): server generation routes timed, then colocate fastgrpo (auto budget) / TRL / 8192.
 #  phase 15 (issue 7, never run): phase 10's server lanes with each comparison on one pair: 2+3 fastgrpo
 #    server-async then AsyncGRPOTrainer; 0+1 TRL server mode then fastgrpo server-async.
 #  phases 11-13 (issue 9, 8 GPUs, never run): 2 server GPUs (vLLM DP 2) + 6 ranks; 4 server GPUs (DP 2 x TP 2) + 4
@@ -216,7 +217,12 @@ case $phase in
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 15)  # issue 7's two comparisons, each on one GPU pair (never run): GPUs 2+3: fastgrpo server-async, then TRL's
-     # AsyncGRPOTrainer; at the same time GPUs 0+1: TRL server mode, then fastgrpo server-async again
+     # AsyncGRPOTrainer; at the same time GPUs 0+1: TRL server mode, then fastgrpo server-async again.
+     # First (GPU_TESTS=1): the server GPU tests on GPU 0.
+  if [ "${GPU_TESTS:-0}" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_server_gpu.py \
+      > "$R/gpu-tests.txt" 2>&1; tail -3 "$R/gpu-tests.txt"
+  fi
   bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-500}" \
     --out "$R/bench-a" > "$R/lane-a.txt" 2>&1 &
   a=$!
@@ -225,6 +231,19 @@ case $phase in
   wait $a
   for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
     echo "GPU pair $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
+  ;;
+16)  # one GPU (issues 6, 7): server generation through fastgrpo's compact route vs vLLM's /inference/v1/generate;
+     # then the colocate recipe cells: fastgrpo (automatic token budget), TRL, fastgrpo at the old 8192-token budget
+  export CUDA_VISIBLE_DEVICES=0
+  serve 0 8311 python -m fastgrpo.cli vllm-serve
+  timeout 150 python tools/gpu_server_gen.py 8311 /tmp/assets/data/train.jsonl 3 > "$R/server-gen.txt" 2>&1
+  cat "$R/server-gen.txt" | tail -3
+  kill $server_pid; wait $server_pid 2>/dev/null; sleep 2
+  bench --only fastgrpo-colocate,trl-colocate --budget "${BUDGET:-260}" --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
+  bench --only fastgrpo-colocate --extra '{"micro_batch_tokens": 8192}' --budget 125 --out "$R/bench-b" \
+    > "$R/lane-b.txt" 2>&1
+  for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
+    echo "run $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &

@@ -177,7 +177,7 @@ class GRPOConfig:
 
     # --- speed (fastgrpo additions) ---
     logprob_chunk_size: int = _f(2048, "Tokens per chunk of the log-softmax over the vocabulary; bounds logits memory.")
-    micro_batch_tokens: int | None = _f(None, "Token budget of one forward pass (sequences x longest); None: 8192 on a GPU, per_device_train_batch_size rows on CPU. The loss does not depend on it.")
+    micro_batch_tokens: int | None = _f(None, "Token budget of one forward pass (sequences x longest); None: on a GPU up to 16384, fewer when free memory is short (trainer.auto_token_budget), on CPU per_device_train_batch_size rows. The loss does not depend on it.")
     max_consecutive_nonfinite: int = _f(3, "Skip updates with NaN/inf loss or gradient; stop (with a checkpoint) after this many in a row.")
     torch_threads: int | None = _f(None, "CPU threads for torch; None keeps torch's default.")
 

@@ -30,6 +30,8 @@ class ServerError(RuntimeError):
 class ServerRequestError(ServerError):
     """The server rejected a request (HTTP 4xx): wrong API key, missing endpoint, invalid sampling parameters."""
 
+    status: int | None = None  # the HTTP status, when the server sent one
+
 
 class ServerProtocolError(ServerError):
     """The server's answer is not what vLLM 0.26 sends: not JSON, oversized, or of the wrong shape."""
@@ -122,8 +124,10 @@ class Http:
         if status >= 500:
             raise _Transient(f"HTTP {status}: {text}")
         if 400 <= status < 500:
-            raise ServerRequestError(f"vLLM server at {self.url} rejected {what} with HTTP {status}: {text}. "
+            err = ServerRequestError(f"vLLM server at {self.url} rejected {what} with HTTP {status}: {text}. "
                                      f"{_hint_4xx(status, path)}")
+            err.status = status
+            raise err
         raise ServerProtocolError(f"vLLM server at {self.url} answered {what} with unexpected HTTP {status}.{self.hint}")
 
     def _read(self, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float, what: str) -> bytes:

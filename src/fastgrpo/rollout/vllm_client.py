@@ -12,7 +12,10 @@ Design choices
   JSON, oversized and wrong-schema answers raise at once (`ServerRequestError` / `ServerProtocolError`, both
   `ServerError`s): retrying a deterministic error only delays the message. The NCCL rendezvous and /update_weights
   are never retried (a broadcast is in flight).
-* Generation: `POST /inference/v1/generate` (vLLM's token-in/token-out endpoint), one prompt per request with `n`
+* Generation: `POST /fastgrpo/v1/generate` when the server has it (`fastgrpo vllm-serve` installs it; found at
+  start by a GET on that path): the body of vLLM's `/inference/v1/generate`, answered with flat lists instead of
+  two pydantic objects per token (fastgrpo.serve explains the cost). Any other vLLM server: vLLM's
+  `POST /inference/v1/generate` (token-in/token-out). One prompt per request with `n`
   samples, fanned out over a thread pool (vLLM batches concurrent requests itself). `logprobs=0` returns the
   sampled token's logprob, *processed* (after temperature/top-k/top-p) because the launcher passes
   `--logprobs-mode processed_logprobs`. vLLM seeds sample j of a request with `seed + j`, so prompt p gets
@@ -59,6 +62,7 @@ __all__ = ["VLLMServerGenerator", "ServerError", "ServerRequestError", "ServerPr
 
 logger = logging.getLogger(__name__)
 GENERATE_PATH = "/inference/v1/generate"
+FAST_GENERATE_PATH = "/fastgrpo/v1/generate"  # fastgrpo.serve.FAST_GENERATE_PATH (serve imports nothing of this)
 
 
 def server_url(config) -> str:
@@ -104,19 +108,24 @@ def _parse_generation(resp: Any, n: int, max_tokens: int, where: str):
                               "shutting down).")
         if fin not in ("stop", "length"):
             bad(f"finish_reason {fin!r} is neither 'stop' nor 'length'")
-        content = lp.get("content") if isinstance(lp, dict) else None
-        if not isinstance(content, list) or len(content) != len(toks):
-            bad("'logprobs.content' is not a list with one entry per token (was the server started with logprobs?)")
-        values = []
-        for tok, item in zip(toks, content):
-            v = item.get("logprob") if isinstance(item, dict) else None
+        if isinstance(lp, list):  # FAST_GENERATE_PATH: one float per token
+            if len(lp) != len(toks):
+                bad("'logprobs' is not a list with one number per token")
+            values = lp
+        else:
+            content = lp.get("content") if isinstance(lp, dict) else None
+            if not isinstance(content, list) or len(content) != len(toks):
+                bad("'logprobs.content' is not a list with one entry per token (was the server started with logprobs?)")
+            values = []
+            for tok, item in zip(toks, content):
+                name = item.get("token") if isinstance(item, dict) else None
+                if isinstance(name, str) and name.startswith("token_id:") and name != f"token_id:{tok}":
+                    bad(f"logprob entry {name!r} does not match token {tok}")
+                values.append(item.get("logprob") if isinstance(item, dict) else None)
+        for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(f"logprob {v!r} is not a finite number")
-            name = item.get("token")
-            if isinstance(name, str) and name.startswith("token_id:") and name != f"token_id:{tok}":
-                bad(f"logprob entry {name!r} does not match token {tok}")
-            values.append(float(v))
-        out[i] = (toks, values, fin)
+        out[i] = (toks, [float(v) for v in values], fin)
     return out
 
 
@@ -225,6 +234,7 @@ class VLLMServerGenerator(Generator):
         self._closed = False
         self._stats: dict[str, float] = {}
         self.server_dtype: str | None = None  # read from /server_info; a different trainer dtype is warned about once
+        self.generate_path = GENERATE_PATH  # FAST_GENERATE_PATH once the server shows it has that route
         if wait_ready:
             self.wait_until_ready()
 
@@ -250,6 +260,22 @@ class VLLMServerGenerator(Generator):
             raise ServerProtocolError(f"vLLM server at {self.url} answered GET /v1/models without a 'data' list; "
                                       "is it a vLLM server?")
         self._check_server_config()
+        self._find_generate_route()
+
+    def _find_generate_route(self) -> None:
+        """Use FAST_GENERATE_PATH when GET on it answers as fastgrpo.serve.FastGenerate does (404/405: vLLM's route)."""
+        try:
+            info = self._http.request("GET", FAST_GENERATE_PATH, timeout=self.control_timeout)
+        except ServerRequestError as e:
+            if e.status not in (404, 405):
+                raise
+            info = None
+        if isinstance(info, dict) and info.get("fastgrpo_generate") == 1:
+            self.generate_path = FAST_GENERATE_PATH
+        else:
+            logger.info("vLLM server at %s has no %s (it was not started with `fastgrpo vllm-serve`): generating "
+                        "through %s, whose per-token logprob objects cost time on long completions.", self.url,
+                        FAST_GENERATE_PATH, GENERATE_PATH)
 
     def _check_server_config(self) -> None:
         """Fail at start, not after the first training step, when the server lacks what `fastgrpo vllm-serve` sets.
@@ -324,8 +350,9 @@ class VLLMServerGenerator(Generator):
         return {"request_id": f"fastgrpo-{uuid.uuid4().hex}-{p}", "token_ids": list(ids), "sampling_params": sp}
 
     def _generate_one(self, body: dict, params: SamplingParams):
-        resp = self._http.request("POST", GENERATE_PATH, body=body, timeout=self.request_timeout)
-        return _parse_generation(resp, params.n, params.max_tokens, f"vLLM server at {self.url}: POST {GENERATE_PATH}")
+        path = self.generate_path
+        resp = self._http.request("POST", path, body=body, timeout=self.request_timeout)
+        return _parse_generation(resp, params.n, params.max_tokens, f"vLLM server at {self.url}: POST {path}")
 
     # -- weights -----------------------------------------------------------------------------------------------
     def update_weights(self, model) -> None:
