@@ -217,18 +217,20 @@ case $phase in
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 15)  # issue 7's two comparisons, each on one GPU pair (never run): GPUs 2+3: fastgrpo server-async, then TRL's
-     # AsyncGRPOTrainer; at the same time GPUs 0+1: TRL server mode, then fastgrpo server-async again.
-     # First (GPU_TESTS=1): the server GPU tests on GPU 0.
+     # AsyncGRPOTrainer; at the same time GPUs 0+1: TRL server mode, fastgrpo server-async, fastgrpo synchronous.
+     # GPU_TESTS=1: the server GPU tests on GPU 0 as well, while lane b's TRL server starts on GPU 1 (before lane b
+     # trains on GPU 0).
   if [ "${GPU_TESTS:-0}" = 1 ]; then
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_server_gpu.py \
-      > "$R/gpu-tests.txt" 2>&1; tail -3 "$R/gpu-tests.txt"
+    ( CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_server_gpu.py \
+      > "$R/gpu-tests.txt" 2>&1 ) &
   fi
   bench --only fastgrpo-server-async,trl-server-async --trainer-gpus 2 --server-gpus 3 --budget "${BUDGET:-500}" \
     --out "$R/bench-a" > "$R/lane-a.txt" 2>&1 &
   a=$!
-  bench --only trl-server,fastgrpo-server-async --trainer-gpus 0 --server-gpus 1 --budget "${BUDGET:-500}" \
+  bench --only trl-server,fastgrpo-server-async,fastgrpo-server --trainer-gpus 0 --server-gpus 1 --budget "${BUDGET:-500}" \
     --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
-  wait $a
+  wait
+  tail -3 "$R/gpu-tests.txt" 2>/dev/null
   for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
     echo "GPU pair $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
   ;;
