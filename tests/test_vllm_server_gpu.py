@@ -77,7 +77,7 @@ def test_fast_route_equals_vllm_route(server):
     outs = {}
     for path in (FAST_GENERATE_PATH, GENERATE_PATH, FAST_GENERATE_PATH):
         client.generate_path = path
-        greedy = client.generate(prompts, SamplingParams(n=2, max_tokens=40, temperature=0.0))
+        greedy = client.generate(prompts, SamplingParams(n=1, max_tokens=40, temperature=0.0))  # vLLM: greedy is n=1
         sampled = client.generate(prompts, SamplingParams(n=3, max_tokens=40, seed=3, extra={"ignore_eos": True}))
         outs.setdefault(path, []).append((greedy, sampled))
     (fast, fast_again), (slow,) = outs[FAST_GENERATE_PATH], outs[GENERATE_PATH]

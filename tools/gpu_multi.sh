@@ -16,6 +16,7 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 17 (one GPU): server GPU tests, the attention stand-in's cost per step, vLLM alone, colocate GPU tests.
 #  phase 16 (issues 6, 7; one GPU): server generation routes timed, then colocate fastgrpo (auto budget) / TRL / 8192.
 #  phase 15 (issue 7, never run): phase 10's server lanes with each comparison on one pair: 2+3 fastgrpo
 #    server-async then AsyncGRPOTrainer; 0+1 TRL server mode then fastgrpo server-async.
@@ -246,6 +247,15 @@ case $phase in
     > "$R/lane-b.txt" 2>&1
   for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
     echo "run $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
+  ;;
+17)  # one GPU: the server GPU tests, the cost of TRL's attention stand-in per step, vLLM alone, the colocate GPU tests
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_vllm_server_gpu.py > "$R/gpu-tests.txt" 2>&1
+  tail -2 "$R/gpu-tests.txt"
+  timeout 120 python tools/gpu_tree_attention_cost.py 112 2>&1 | tail -1 | tee "$R/tree-attention.txt"
+  bench --only vllm-alone --budget 100 --out "$R/bench-a" > "$R/lane-a.txt" 2>&1; cat "$R/bench-a/table.md" | sed -n 3p
+  timeout 250 python -m pytest -q -p no:cacheprovider -m gpu tests/test_graphed.py tests/test_vllm_colocate.py \
+    > "$R/gpu-tests-colocate.txt" 2>&1; tail -2 "$R/gpu-tests-colocate.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
