@@ -16,6 +16,7 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 18 (issue 6, 4 GPUs): the colocate grid, fastgrpo and TRL x G {4, 8, 16} x L {256, 512, 1024}.
 #  phase 17 (one GPU): server GPU tests, the attention stand-in's cost per step, vLLM alone, colocate GPU tests.
 #  phase 16 (issues 6, 7; one GPU): server generation routes timed, then colocate fastgrpo (auto budget) / TRL / 8192.
 #  phase 15 (issue 7, never run): phase 10's server lanes with each comparison on one pair: 2+3 fastgrpo
@@ -256,6 +257,22 @@ case $phase in
   bench --only vllm-alone --budget 100 --out "$R/bench-a" > "$R/lane-a.txt" 2>&1; cat "$R/bench-a/table.md" | sed -n 3p
   timeout 250 python -m pytest -q -p no:cacheprovider -m gpu tests/test_graphed.py tests/test_vllm_colocate.py \
     > "$R/gpu-tests-colocate.txt" 2>&1; tail -2 "$R/gpu-tests-colocate.txt"
+  ;;
+18)  # issue 6's grid, colocate only (TRL's no-vLLM cells take ~20 s a step): {fastgrpo, TRL} x G {4, 8, 16} x
+     # L {256, 512, 1024}, STEPS (default 5) steps per cell, one cell per GPU at a time, four lanes at once
+  grid() { local gpu=$1 name=$2 budget=$3; shift 3
+    CUDA_VISIBLE_DEVICES=$gpu bench --steps "${STEPS:-5}" --budget "$budget" --out "$R/bench-$name" "$@" \
+      >> "$R/lane-$gpu.txt" 2>&1; }
+  ( grid 0 trl4 380 --only trl-colocate --num-generations 4 --max-completion-length 256,512,1024
+    grid 0 fg16a 110 --only fastgrpo-colocate --num-generations 16 --max-completion-length 256 ) &
+  ( grid 1 trl8 380 --only trl-colocate --num-generations 8 --max-completion-length 256,512,1024
+    grid 1 fg16b 110 --only fastgrpo-colocate --num-generations 16 --max-completion-length 512 ) &
+  ( grid 2 trl16 380 --only trl-colocate --num-generations 16 --max-completion-length 256,512,1024
+    grid 2 fg16c 115 --only fastgrpo-colocate --num-generations 16 --max-completion-length 1024 ) &
+  grid 3 fg48 495 --only fastgrpo-colocate --num-generations 4,8 --max-completion-length 256,512,1024
+  wait
+  python -m fastgrpo.bench --report "$R"/bench-*/results.jsonl --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
