@@ -22,8 +22,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the client opens dozens of connections at once; the default backlog (5) resets them
 from urllib.parse import parse_qs, urlsplit
 
+from fastgrpo.serve import FAST_GENERATE_PATH
+
 GENERATE = "/inference/v1/generate"
-FAST_GENERATE = "/fastgrpo/v1/generate"  # fastgrpo.serve.FastGenerate's route, served when `fast=True`
+FAST_GENERATE = FAST_GENERATE_PATH  # fastgrpo.serve.FastGenerate's route, served when `fast=True`
 
 
 @dataclass

@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from ..serve import FAST_GENERATE_PATH
 from .base import Generation, Generator, SamplingParams
 from .http import (MAX_RESPONSE_BYTES, Http, ServerError, ServerProtocolError, ServerRequestError, WeightSyncError,
                    _Transient)
@@ -62,7 +63,6 @@ __all__ = ["VLLMServerGenerator", "ServerError", "ServerRequestError", "ServerPr
 
 logger = logging.getLogger(__name__)
 GENERATE_PATH = "/inference/v1/generate"
-FAST_GENERATE_PATH = "/fastgrpo/v1/generate"  # fastgrpo.serve.FAST_GENERATE_PATH (serve imports nothing of this)
 
 
 def server_url(config) -> str:
