@@ -15,7 +15,7 @@ from fastgrpo.logprobs import causal_lm_parts
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.decode import decode, sample_tiles
 from fastgrpo.rollout.hf import HFGenerator
-from fastgrpo.testing import left_padded
+from fastgrpo.rollout.decode import left_padded
 
 
 def _softmax64(h, w, b, t):

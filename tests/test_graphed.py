@@ -16,7 +16,7 @@ from fastgrpo.logprobs import causal_lm_parts
 from fastgrpo.rollout import graphed
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.hf import HFGenerator, draw
-from fastgrpo.testing import left_padded
+from fastgrpo.rollout.decode import left_padded
 
 
 class _Heads(torch.nn.Module):

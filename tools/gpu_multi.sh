@@ -58,6 +58,11 @@ summary() {  # summary NAME COMPLETIONS_PER_STEP (fastgrpo metrics.jsonl when pr
   local f="$R/$1.jsonl"; [ -f "$f" ] || f="$R/$1.log"
   python tools/steps_summary.py "$f" "$2" "$1" | tee -a "$R/summary.txt"
 }
+tables() {  # tables LABEL X...: table.md (and chart) of each $R/bench-X, one after another into $R/table.txt
+  local label=$1; shift
+  for x in "$@"; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
+    echo "$label $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
+}
 serve() {  # serve GPU PORT LAUNCHER... : start a server on GPU, wait for /health (max 240 s)
   local gpu=$1 port=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu VLLM_SERVER_DEV_MODE=1 "$@" --model /tmp/assets/model --port "$port" \
@@ -233,8 +238,7 @@ case $phase in
     --out "$R/bench-b" > "$R/lane-b.txt" 2>&1
   wait
   tail -3 "$R/gpu-tests.txt" 2>/dev/null
-  for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
-    echo "GPU pair $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
+  tables "GPU pair" a b
   ;;
 16)  # one GPU (issues 6, 7): server generation through fastgrpo's compact route vs vLLM's /inference/v1/generate;
      # then the colocate recipe cells: fastgrpo (automatic token budget), TRL, fastgrpo at the old 8192-token budget
@@ -246,8 +250,7 @@ case $phase in
   bench --only fastgrpo-colocate,trl-colocate --budget "${BUDGET:-260}" --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
   bench --only fastgrpo-colocate --extra '{"micro_batch_tokens": 8192}' --budget 125 --out "$R/bench-b" \
     > "$R/lane-b.txt" 2>&1
-  for x in a b; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
-    echo "run $x:"; cat "$R/bench-$x/table.md"; done | tee "$R/table.txt"
+  tables "run" a b
   ;;
 17)  # one GPU: the server GPU tests, the cost of TRL's attention stand-in per step, vLLM alone, the colocate GPU tests
   export CUDA_VISIBLE_DEVICES=0

@@ -244,10 +244,13 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
     `token_ids`, `logprobs`: the entries of position i are start..end, the sampled token first) or from its list of
     {token_id: Logprob} dicts. -inf (a token outside top-k/top-p under processed logprobs) becomes -9999.0, as in
     vLLM's own answers, so the JSON stays standard."""
+    def clamp(v: float) -> float:
+        return -9999.0 if v != v or v < -9999.0 else float(v)  # NaN or -inf
+
     out = []
     flat = hasattr(logprobs, "start_indices")
     if flat and list(logprobs.token_ids) == list(token_ids):  # logprobs=0: exactly the sampled token per position
-        return [-9999.0 if v != v or v < -9999.0 else float(v) for v in logprobs.logprobs]
+        return [clamp(v) for v in logprobs.logprobs]
     for i, tok in enumerate(token_ids):
         if flat:
             lo, hi = logprobs.start_indices[i], logprobs.end_indices[i]
@@ -258,7 +261,7 @@ def sampled_logprobs(token_ids, logprobs) -> list[float]:
             v = entry.logprob if entry is not None else None
         if v is None:
             raise ValueError(f"vLLM returned no logprob for the sampled token at position {i}")
-        out.append(-9999.0 if v != v or v < -9999.0 else float(v))  # NaN or -inf
+        out.append(clamp(v))
     return out
 
 

@@ -232,17 +232,6 @@ def build_tiny_qwen2(
     return _init_model(config, seed, dtype)
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id prompts -> (ids, attention_mask), both [B, longest], left-padded as generation expects."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
-    return ids, att
-
-
 def qwen2_0_5b_config(vocab_size: int = QWEN2_VOCAB_SIZE) -> Qwen2Config:
     """The exact shape config of Qwen/Qwen2-0.5B-Instruct (bf16, tied embeddings, no sliding window)."""
     return Qwen2Config(

@@ -60,6 +60,18 @@ def sample_tiles(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return chosen + k
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id prompts -> (ids, attention_mask), both [B, longest] int64, left-padded: every prompt ends where
+    generation starts."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        att[i, width - len(p):] = 1
+    return ids, att
+
+
 def cache_kwarg(backbone: torch.nn.Module) -> str:
     """The backbone's KV-cache argument: `cache` in transformers 5.2x (argument and output), `past_key_values`
     before."""

@@ -33,7 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
 from . import graphed
-from .decode import decode, sample_tiles
+from .decode import decode, left_padded, sample_tiles
 
 
 def draw(scores: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -105,13 +105,7 @@ class HFGenerator(Generator):
         static = None if lean is not None else self._static(params, device)
         try:
             for s in range(0, len(prompt_ids), per_call):
-                chunk = prompt_ids[s:s + per_call]
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                    ids[i, width - len(p):] = torch.tensor(p)
-                    att[i, width - len(p):] = 1
+                ids, att = left_padded(prompt_ids[s:s + per_call], self.pad_id)
                 # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
                 ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
                 rows = None  # rows cut after their first EOS, from a decoding loop of our own
@@ -132,7 +126,7 @@ class HFGenerator(Generator):
                         params.temperature, params.top_k, params.top_p, params.min_p)])
                 with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
                     seqs = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
-                for row in seqs[:, width:].tolist():
+                for row in seqs[:, ids.shape[1]:].tolist():  # the prompt width
                     ids_, reason = _cut(row, self.eos_ids, self.pad_id)
                     out_ids.append(ids_)
                     reasons.append(reason)
