@@ -16,6 +16,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -429,6 +430,47 @@ def test_sampled_logprobs_match_trainer_logprobs_bf16(model_dir):
         d = logprob_diffs(lora, prompts, out, n, temperature)  # trainer: unmerged PEFT forward
         print(f"FIGURE bf16 LoRA: mean |dlogp| = {d.mean():.5f}, max = {d.max():.4f}, tokens = {d.numel()}")
         assert d.mean() < 0.02
+    finally:
+        gen.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine_process", [False, True], ids=["in_process", "engine_process"])
+def test_sampler_logprobs_equal_vllms_own(model_dir, engine_process):
+    """The sampler's record (vllm_logprobs) against vLLM's logprobs=0 for the very same samples (one call asks for
+    both): sampling with n > 1, top-k, greedy copies, EOS stops, and more requests than engine slots."""
+    from fastgrpo.rollout import vllm_logprobs
+
+    _gpu_ready()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(t).input_ids for t in TEXTS]
+    gen = make_generator(model_dir, tok, bf16=True, engine_kwargs={**EAGER, "max_num_seqs": 6},
+                         vllm_engine_process=engine_process)
+    try:
+        assert gen.sampler_logprobs, "the sampler hook did not install (V2 model runner expected)"
+        cases = [SamplingParams(n=4, max_tokens=32, temperature=0.9), SamplingParams(n=3, max_tokens=24, top_k=5),
+                 SamplingParams(n=2, max_tokens=16, temperature=0.0)]
+        for params in cases:
+            per_request, copies = (1, params.n) if params.temperature == 0.0 else (params.n, 1)
+            requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
+            sampling = gen._sampling_params(params, per_request, logprobs=True)
+            gen.llm.collective_rpc(vllm_logprobs.start)
+            outputs = gen.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+            recorded = gen.llm.collective_rpc(vllm_logprobs.take)[0]
+            comps = [sorted(o.outputs, key=lambda c: c.index) for o in outputs]
+            hooked = vllm_logprobs.per_completion(recorded, [o.request_id for o in outputs],
+                                                  [len(r["prompt_token_ids"]) for r in requests], per_request,
+                                                  [[c.token_ids for c in cs] for cs in comps])
+            own = [[_sampled_logprobs(list(c.token_ids), c.logprobs) for c in cs] for cs in comps]
+            lengths = [len(c.token_ids) for cs in comps for c in cs]
+            diff = max(abs(a - b) for h, o in zip(hooked, own) for x, y in zip(h, o) for a, b in zip(x, y))
+            print(f"\nFIGURE sampler record vs vLLM logprobs ({params}): max |diff| {diff:.2e}, "
+                  f"{sum(lengths)} tokens, lengths {min(lengths)}-{max(lengths)}")
+            assert diff <= 1e-5
+        assert min(lengths) >= 1
+        out = gen.generate(prompts, cases[0])  # the wiring: generate() takes its logprobs from the record
+        assert [len(c) for c in out.completion_ids] == [len(lp) for lp in out.logprobs]
+        assert all(np.isfinite(lp).all() and max(lp) <= 0.0 for lp in out.logprobs)
     finally:
         gen.close()
 

@@ -67,8 +67,18 @@ if layout == "colocate":
         outs = gen.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=sp, use_tqdm=False)
         return sum(len(o.token_ids) for r in outs for o in r.outputs)
 
+    hook = gen.sampler_logprobs
+
+    def vllm_logprobs():  # vLLM's own per-token logprobs (vllm_sampler_logprobs=False)
+        gen.sampler_logprobs = False
+        try:
+            return run({})()
+        finally:
+            gen.sampler_logprobs = hook
+
     for _ in range(2):
-        timed("logprobs (as the trainer)", run({}), REPS)
+        timed(f"logprobs as the trainer (sampler record: {hook})", run({}), REPS)
+        timed("logprobs=0 from vLLM's outputs", vllm_logprobs, REPS)
         timed("no logprobs", bare, REPS)
     prof = cProfile.Profile()
     prof.enable()
