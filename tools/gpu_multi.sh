@@ -16,6 +16,7 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phases 19, 20 (issue 6, one GPU): sampler-logprobs GPU test and generation profile; the recipe cells + vLLM alone.
 #  phase 18 (issue 6, 4 GPUs): the colocate grid, fastgrpo and TRL x G {4, 8, 16} x L {256, 512, 1024}.
 #  phase 17 (one GPU): server GPU tests, the attention stand-in's cost per step, vLLM alone, colocate GPU tests.
 #  phase 16 (issues 6, 7; one GPU): server generation routes timed, then colocate fastgrpo (auto budget) / TRL / 8192.
@@ -276,6 +277,23 @@ case $phase in
   wait
   python -m fastgrpo.bench --report "$R"/bench-*/results.jsonl --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
+  ;;
+19)  # one GPU (issue 6): the sampler-logprobs GPU test (in-process and engine process), where colocated generation
+     # spends its time (vLLM logprobs vs the sampler's record vs none; prefix caching off)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python -m pytest -s -q -p no:cacheprovider -m gpu tests/test_vllm_colocate.py -k sampler_logprobs \
+    > "$R/gpu-tests.txt" 2>&1; grep -h "FIGURE\|passed\|failed" "$R/gpu-tests.txt"
+  P="/tmp/assets/model /tmp/assets/data/train.jsonl"
+  REPS=4 timeout 200 python tools/gpu_gen_profile.py colocate $P > "$R/gen-colocate.txt" 2>&1
+  REPS=4 ENGINE_KWARGS='{"enable_prefix_caching": false}' timeout 120 python tools/gpu_gen_profile.py colocate $P \
+    > "$R/gen-colocate-noprefix.txt" 2>&1
+  grep -h '"variant"' "$R"/gen-*.txt | tee "$R/gen.txt"
+  ;;
+20)  # one GPU (issue 6): the recipe cells in one call: fastgrpo colocate (sync, async), TRL colocate, vLLM alone
+  export CUDA_VISIBLE_DEVICES=0
+  bench --only fastgrpo-colocate,fastgrpo-async,trl-colocate,vllm-alone --budget "${BUDGET:-540}" --out "$R/bench-a" \
+    > "$R/lane-a.txt" 2>&1
+  tables "run" a
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
