@@ -444,8 +444,10 @@ def test_sampler_logprobs_equal_vllms_own(model_dir, engine_process):
     _gpu_ready()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok(t).input_ids for t in TEXTS]
-    gen = make_generator(model_dir, tok, bf16=True, engine_kwargs={**EAGER, "max_num_seqs": 6},
-                         vllm_engine_process=engine_process)
+    # 12 engine slots (the batch plan's, not a power of two) for up to 20 requests at once
+    gen = make_generator(model_dir, tok, bf16=True, vllm_engine_process=engine_process,
+                         per_device_train_batch_size=12, gradient_accumulation_steps=1)
+    assert gen.engine_kwargs["max_num_seqs"] == 12
     try:
         assert gen.sampler_logprobs, "the sampler hook did not install (V2 model runner expected)"
         cases = [SamplingParams(n=4, max_tokens=32, temperature=0.9), SamplingParams(n=3, max_tokens=24, top_k=5),
