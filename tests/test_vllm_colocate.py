@@ -25,6 +25,7 @@ from fastgrpo.config import GRPOConfig
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.vllm_colocate import (
     _finish_reason,
+    _pin_main_stream,
     _sampled_logprobs,
     auto_kv_cache_bytes,
     engine_num_seqs,
@@ -33,6 +34,7 @@ from fastgrpo.rollout.vllm_colocate import (
 from fastgrpo.rollout.vllm_worker import (
     ALIGN,
     RECEIVE_METHOD,
+    SAMPLER_LOGPROBS_METHOD,
     WORKER_EXTENSION,
     WeightReceiver,
     bytes_payload,
@@ -107,6 +109,25 @@ def _plain(obj) -> bool:
     if isinstance(obj, (list, tuple)):
         return all(_plain(v) for v in obj)
     return obj is None or isinstance(obj, (str, bytes, int, float, bool))
+
+
+def test_pin_main_stream_overrides_the_runners_cached_stream_only_where_it_has_one():
+    import functools
+
+    class Runner:  # the shape of vLLM 0.26's V2 model runner: main_stream is a cached property
+        @functools.cached_property
+        def main_stream(self):
+            return "default stream"
+
+    class OtherRunner:
+        main_stream = "a plain attribute"
+
+    worker = types.SimpleNamespace(model_runner=Runner())
+    assert worker.model_runner.main_stream == "default stream"  # cached already, as after vLLM's warm-up
+    assert _pin_main_stream(worker, "engine stream")
+    assert worker.model_runner.main_stream == "engine stream"
+    assert not _pin_main_stream(types.SimpleNamespace(model_runner=OtherRunner()), "engine stream")
+    assert not _pin_main_stream(types.SimpleNamespace(), "engine stream")
 
 
 def test_engine_process_pack_unpack_round_trip():
@@ -202,7 +223,7 @@ def test_engine_process_payload_checks():
 
 def test_engine_process_worker_extension_is_one_method():
     # vLLM asserts that no extension attribute exists on its Worker; ours adds exactly the RPC target.
-    assert [a for a in dir(WeightReceiver) if not a.startswith("__")] == [RECEIVE_METHOD]
+    assert [a for a in dir(WeightReceiver) if not a.startswith("__")] == sorted([RECEIVE_METHOD, SAMPLER_LOGPROBS_METHOD])
     assert WORKER_EXTENSION == f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
 
 
@@ -614,6 +635,26 @@ def _generate_beside_training(gen, prompts, params, step) -> tuple[float, float]
         out, seconds = future.result()
     assert len(out.completion_ids) == len(prompts) * params.n
     return seconds, rate
+
+
+@pytest.mark.gpu
+def test_generation_beside_training_returns_the_tokens_it_sampled(model_dir):
+    """The one-step-off-policy layout, repeated: vLLM generating in a background thread while this thread trains.
+    Each call checks that every returned token is the one the sampler drew (generate compares the sampler's record
+    with the returned tokens and raises SamplerLogprobsError on any difference)."""
+    _gpu_ready()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(t).input_ids for t in (TEXTS * 4)[:16]]
+    params = SamplingParams(n=8, max_tokens=48, temperature=1.0)
+    step = _training_like_step()
+    gen = make_generator(model_dir, tok, bf16=True, engine_kwargs={}, per_device_train_batch_size=128,
+                         num_generations=8, max_completion_length=48)
+    try:
+        assert gen.sampler_logprobs and gen._stream is not None
+        for _ in range(8):
+            _generate_beside_training(gen, prompts, params, step)
+    finally:
+        gen.close()
 
 
 @pytest.mark.gpu

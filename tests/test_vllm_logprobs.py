@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastgrpo.rollout.vllm_logprobs import SamplerLogprobsError, _key, per_completion
+from fastgrpo.rollout.vllm_logprobs import SamplerLogprobsError, _key, per_completion, rpc
 
 
 def record(rows):
@@ -63,3 +63,8 @@ def test_a_problem_seen_in_the_sampler_raises():
     rec["problem"] = "3 sampled rows for 2 requests"
     with pytest.raises(SamplerLogprobsError, match="3 sampled rows"):
         per_completion(rec, ["5"], [3], 2, [[[10]]])
+
+
+def test_rpc_runs_only_the_three_actions():
+    with pytest.raises(ValueError, match="unknown sampler-logprobs action 'per_completion'"):
+        rpc(object(), "per_completion")

@@ -66,6 +66,7 @@ design above is used, since under torchrun the engine must join the trainer's pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -202,6 +203,15 @@ def _engine_process_launch():
                 os.environ[key] = value
 
 
+def _pin_main_stream(worker, stream) -> bool:
+    """Worker side: make the V2 model runner's `main_stream` (a cached property) this stream; False elsewhere."""
+    runner = getattr(worker, "model_runner", None)
+    if not isinstance(getattr(type(runner), "main_stream", None), functools.cached_property):
+        return False
+    runner.__dict__["main_stream"] = stream
+    return True
+
+
 def _sampled_logprobs(token_ids: list[int], lps) -> list[float]:
     """Logprob of each sampled token, from FlatLogprobs (sampled token first per position) or list[dict]."""
     if lps is None:
@@ -325,8 +335,16 @@ class VLLMColocateGenerator(Generator):
             engine_eos = None
         trainer_eos = getattr(tokenizer, "eos_token_id", None)
         self._extra_stop = [trainer_eos] if trainer_eos is not None and trainer_eos != engine_eos else []
-        self.sampler_logprobs = bool(config.vllm_sampler_logprobs) and all(
-            self.llm.collective_rpc(vllm_logprobs.install))
+        self.sampler_logprobs = bool(config.vllm_sampler_logprobs) and all(self._sampler_rpc("install"))
+        # In-process: vLLM's V2 model runner caches the stream it was built on (the default stream) and, after each
+        # step's output copy, makes that stream current again. Generation in a background thread (async mode) would
+        # then share the training's stream, and a step launched on another stream would be copied out unordered.
+        # So the engine gets a stream of its own, and every generate call runs on it.
+        self._stream = None
+        if not self.engine_process and self.device.type == "cuda":
+            stream = torch.cuda.Stream(self.device)
+            if all(self.llm.collective_rpc(_pin_main_stream, args=(stream,))):
+                self._stream = stream
 
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
@@ -401,12 +419,18 @@ class VLLMColocateGenerator(Generator):
         t0 = time.perf_counter()
         hook = self.sampler_logprobs
         sampling = self._sampling_params(params, per_request, logprobs=not hook)
-        if hook:
-            self.llm.collective_rpc(vllm_logprobs.start)
-        try:
-            outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
-        finally:
-            recorded = self.llm.collective_rpc(vllm_logprobs.take)[0] if hook else None
+        caller = torch.cuda.current_stream(self.device) if self._stream is not None else None
+        with contextlib.nullcontext() if caller is None else torch.cuda.stream(self._stream):
+            if caller is not None:
+                self._stream.wait_stream(caller)  # weights pushed on the caller's stream are in place
+            if hook:
+                self._sampler_rpc("start")
+            try:
+                outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+            finally:
+                recorded = self._sampler_rpc("take")[0] if hook else None
+        if caller is not None:
+            caller.wait_stream(self._stream)
         self._stats["generation_time"] = time.perf_counter() - t0
 
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]  # in submission order
@@ -422,6 +446,13 @@ class VLLMColocateGenerator(Generator):
                         for ids, c in zip(completion_ids, (c for cs in completions for c in cs))]
         mine = slice(offset * n, (offset + len(prompts)) * n)
         return Generation(completion_ids[mine], logprobs[mine], reasons[mine])
+
+    def _sampler_rpc(self, action: str) -> list:
+        if self.engine_process:  # vLLM sends no pickled functions to an engine process: the extension's method
+            from .vllm_worker import SAMPLER_LOGPROBS_METHOD
+
+            return self.llm.collective_rpc(SAMPLER_LOGPROBS_METHOD, args=(action,))
+        return self.llm.collective_rpc(vllm_logprobs.rpc, args=(action,))
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()

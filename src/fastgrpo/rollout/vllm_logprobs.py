@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["install", "start", "take", "per_completion", "SamplerLogprobsError"]
+__all__ = ["install", "start", "take", "rpc", "per_completion", "SamplerLogprobsError"]
 
 _ATTR = "_fastgrpo_logprobs"
 
@@ -111,6 +111,14 @@ def take(worker) -> dict:
     pos, tokens, lps = (torch.cat([s[i].to(dtype) for s in steps]).cpu().numpy()
                         for i, dtype in ((1, torch.int64), (2, torch.int64), (3, torch.float32)))
     return {"req_ids": req_ids, "pos": pos, "tokens": tokens, "logprobs": lps, "problem": rec.problem}
+
+
+def rpc(worker, action: str):
+    """One entry point for `LLM.collective_rpc` (in-process: this function; engine process: the worker extension's
+    method, since vLLM will not pickle a function there): "install", "start" or "take"."""
+    if action not in ("install", "start", "take"):
+        raise ValueError(f"unknown sampler-logprobs action {action!r}")
+    return globals()[action](worker)
 
 
 def _key(rid: str, n: int) -> tuple[str, int] | None:

@@ -39,10 +39,11 @@ import torch
 
 __all__ = [
     "WeightReceiver", "PackedBucket", "pack_bucket", "unpack_bucket", "cuda_ipc_payload", "bytes_payload",
-    "open_payload", "RECEIVE_METHOD", "WORKER_EXTENSION", "ALIGN",
+    "open_payload", "RECEIVE_METHOD", "SAMPLER_LOGPROBS_METHOD", "WORKER_EXTENSION", "ALIGN",
 ]
 
 ALIGN = 256  # byte alignment of every tensor in a packed buffer (cudaMalloc's own alignment)
+SAMPLER_LOGPROBS_METHOD = "fastgrpo_sampler_logprobs"
 RECEIVE_METHOD = "receive_ipc_weights"
 WORKER_EXTENSION = "fastgrpo.rollout.vllm_worker.WeightReceiver"  # vLLM resolves it by qualified name
 _STORAGE_DEVICE = 6  # index of `storage_device` in rebuild_cuda_tensor's arguments
@@ -154,8 +155,14 @@ def open_payload(payload: dict, device: torch.device) -> torch.Tensor:
 
 
 class WeightReceiver:
-    """vLLM `worker_extension_cls`: mixed into the engine process's GPU Worker. One method only (vLLM refuses
-    extension attributes that the Worker already has)."""
+    """vLLM `worker_extension_cls`: mixed into the engine process's GPU Worker. Two methods only, the RPC targets
+    (vLLM refuses extension attributes that the Worker already has): weights through CUDA IPC, and the sampler's
+    logprob record (`vllm_logprobs`), which cannot travel as a pickled function to the engine process."""
+
+    def fastgrpo_sampler_logprobs(self, action: str):
+        from .vllm_logprobs import rpc
+
+        return rpc(self, action)
 
     def receive_ipc_weights(self, payload: dict) -> int:
         """Load one packed bucket into the model; returns how many parameters `load_weights` reports loaded."""
