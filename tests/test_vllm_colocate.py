@@ -477,9 +477,9 @@ def test_sampler_logprobs_equal_vllms_own(model_dir, engine_process):
             per_request, copies = (1, params.n) if params.temperature == 0.0 else (params.n, 1)
             requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
             sampling = gen._sampling_params(params, per_request, logprobs=True)
-            gen.llm.collective_rpc(vllm_logprobs.start)
+            gen._sampler_rpc("start")
             outputs = gen.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
-            recorded = gen.llm.collective_rpc(vllm_logprobs.take)[0]
+            recorded = gen._sampler_rpc("take")[0]
             comps = [sorted(o.outputs, key=lambda c: c.index) for o in outputs]
             hooked = vllm_logprobs.per_completion(recorded, [o.request_id for o in outputs],
                                                   [len(r["prompt_token_ids"]) for r in requests], per_request,

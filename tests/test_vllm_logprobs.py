@@ -42,9 +42,13 @@ def test_rows_land_on_their_completion_tokens():
     assert out == [[[-0.5, -0.25, -0.125], [-1.5, -1.25]], [[-2.5, -2.25], [-3.5, -3.25]]]
 
 
-def test_single_sample_requests_and_empty_completions():
+@pytest.mark.parametrize("as_lists", [False, True], ids=["numpy", "lists from an engine process"])
+def test_single_sample_requests_and_empty_completions(as_lists):
     rows = [("8-dddddddd", 1, 5, -1.0), ("9-eeeeeeee", 0, 6, -2.0), ("9-eeeeeeee", 1, 7, -3.0)]
-    out = per_completion(record(rows), ["8", "9", "10"], [2, 1, 4], 1, [[[5]], [[6, 7]], [[]]])
+    rec = record(rows)
+    if as_lists:
+        rec = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in rec.items()}
+    out = per_completion(rec, ["8", "9", "10"], [2, 1, 4], 1, [[[5]], [[6, 7]], [[]]])
     assert out == [[[-1.0]], [[-2.0, -3.0]], [[]]]
 
 

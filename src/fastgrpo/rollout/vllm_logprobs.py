@@ -146,7 +146,8 @@ def per_completion(recorded: dict, request_ids: Sequence[str], prompt_lens: Sequ
         key = _key(rid, n)
         if key is not None:
             rows.setdefault(key, []).append(i)
-    pos, tokens, lps = recorded["pos"], recorded["tokens"], recorded["logprobs"]
+    pos, tokens = np.asarray(recorded["pos"], np.int64), np.asarray(recorded["tokens"], np.int64)
+    lps = np.asarray(recorded["logprobs"], np.float32)
     out = []
     for ext, plen, comps in zip(request_ids, prompt_lens, completions):
         per_request = []

@@ -162,7 +162,10 @@ class WeightReceiver:
     def fastgrpo_sampler_logprobs(self, action: str):
         from .vllm_logprobs import rpc
 
-        return rpc(self, action)
+        out = rpc(self, action)
+        if isinstance(out, dict):  # vLLM's RPC answer carries lists, not NumPy arrays
+            out = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in out.items()}
+        return out
 
     def receive_ipc_weights(self, payload: dict) -> int:
         """Load one packed bucket into the model; returns how many parameters `load_weights` reports loaded."""
