@@ -437,10 +437,10 @@ class VLLMColocateGenerator(Generator):
         completion_ids = [list(c.token_ids) for cs in completions for c in cs]
         reasons = [_finish_reason(c.finish_reason) for cs in completions for c in cs]
         if hook:
-            per_request = vllm_logprobs.per_completion(
+            by_request = vllm_logprobs.per_completion(
                 recorded, [out.request_id for out in outputs], [len(r["prompt_token_ids"]) for r in requests],
                 per_request, [[c.token_ids for c in cs] for cs in completions])
-            logprobs = [lp for lps in per_request for lp in lps]
+            logprobs = [lp for lps in by_request for lp in lps]
         else:
             logprobs = [_sampled_logprobs(ids, c.logprobs)
                         for ids, c in zip(completion_ids, (c for cs in completions for c in cs))]
