@@ -16,6 +16,7 @@
 #    time GPUs 0+1: TRL server mode (GRPOTrainer), then fastgrpo server (synchronous).
 #  phase 9 (issues 6, 7): GPUs 0,1: the recipe's script on 1 GPU, then torchrun 2 ranks (scaling), then the GPU
 #    tests; at the same time GPU 2: fastgrpo no-vLLM / colocate / async + vLLM alone; GPU 3: TRL no-vLLM / colocate.
+#  phase 21 (issue 6, 4 GPUs, never run): the grid's no-vLLM cells and vLLM-alone column (phase 18 has the colocate ones).
 #  phases 19, 20 (issue 6, one GPU): sampler-logprobs GPU test and generation profile; the recipe cells + vLLM alone.
 #  phase 18 (issue 6, 4 GPUs): the colocate grid, fastgrpo and TRL x G {4, 8, 16} x L {256, 512, 1024}.
 #  phase 17 (one GPU): server GPU tests, the attention stand-in's cost per step, vLLM alone, colocate GPU tests.
@@ -294,6 +295,19 @@ case $phase in
   bench --only fastgrpo-colocate,fastgrpo-async,trl-colocate,vllm-alone --budget "${BUDGET:-540}" --out "$R/bench-a" \
     > "$R/lane-a.txt" 2>&1
   tables "run" a
+  ;;
+21)  # issue 6's grid, the rest (4 GPUs, never run): the no-vLLM cells of fastgrpo and TRL and the vLLM-alone column,
+     # G {4, 8, 16} x L {256, 512, 1024}, STEPS (default 3) steps per no-vLLM cell; one cell per GPU at a time
+  grid() { local gpu=$1 name=$2 budget=$3; shift 3
+    CUDA_VISIBLE_DEVICES=$gpu bench --steps "${STEPS:-3}" --budget "$budget" --out "$R/bench-$name" "$@" \
+      >> "$R/lane-$gpu.txt" 2>&1; }
+  grid 0 trl1024 500 --only trl-novllm --num-generations 4,8,16 --max-completion-length 1024 &
+  grid 1 trl256 500 --only trl-novllm --num-generations 4,8,16 --max-completion-length 256,512 &
+  grid 2 fgnovllm 500 --only fastgrpo-novllm --num-generations 4,8,16 --max-completion-length 256,512,1024 &
+  grid 3 alone 500 --only vllm-alone --num-generations 4,8,16 --max-completion-length 256,512,1024
+  wait
+  python -m fastgrpo.bench --report "$R"/bench-*/results.jsonl --out "$R/bench" > /dev/null 2>&1
+  cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
   ;;
 4)  # reruns after fixes: torchrun 2 ranks colocate (GPUs 0,1) next to TRL's AsyncGRPOTrainer (GPUs 2,3)
   recipe ddp2 0,1 165 "" torchrun --nproc_per_node 2 --master_port 29612 "$repo/examples/recipe.py" &
