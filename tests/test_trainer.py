@@ -592,6 +592,25 @@ def test_accuracy_reward_works_outside_the_main_thread():
     assert accuracy_reward(completions, solution) == [1.0, 0.0]
 
 
+def test_accuracy_reward_parses_each_distinct_solution_once(monkeypatch):
+    """A group's G completions share one solution; scoring a batch equals scoring each completion alone."""
+    import math_verify
+
+    from fastgrpo.rewards import accuracy_reward
+
+    answers = ["<answer>$\\frac{1}{2}$</answer>", "<answer>0.5</answer>", "<answer>$3$</answer>", "no answer"]
+    solutions = ["so $\\boxed{\\frac{1}{2}}$", "so $\\boxed{3}$", "no math here"]  # the last is unparsable: 1.0
+    completions = [[{"content": a}] for _ in solutions for a in answers]
+    solution = [s for s in solutions for _ in answers]
+    alone = [accuracy_reward([c], [s])[0] for c, s in zip(completions, solution)]
+    real, parsed = math_verify.parse, []
+    monkeypatch.setattr(math_verify, "parse", lambda text, **kw: parsed.append(text) or real(text, **kw))
+    assert accuracy_reward(completions, solution) == alone
+    assert alone[:4] == [1.0, 0.0, 0.0, 0.0] and alone[6] == 1.0  # 1/2 right (0.5 has no LaTeX), 3 right
+    assert alone[8:] == [1.0] * 4  # an unparsable gold scores every completion 1.0
+    assert sorted(t for t in parsed if t in solutions) == sorted(solutions)
+
+
 def test_auto_token_budget_follows_free_memory_and_model_size():
     """micro_batch_tokens=None on a GPU: capped where larger passes stop paying, lower when memory is short, and
     lower for a larger model at the same free memory."""

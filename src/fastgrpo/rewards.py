@@ -59,12 +59,17 @@ def accuracy_reward(completions, solution, **kwargs) -> list[float]:
     t = MATH_VERIFY_TIMEOUT_S if on_main else None
     bounded = (lambda fn: fn()) if on_main else functools.partial(_within, MATH_VERIFY_TIMEOUT_S, TimeoutException)
     cfg = [LatexExtractionConfig()]
-    rewards = []
+    rewards, golds = [], {}  # a group's G completions share one solution: parse each distinct one once
     for content, sol in zip(_contents(completions), solution):
-        try:
-            gold = bounded(lambda: parse(sol, extraction_mode="first_match", extraction_config=cfg, parsing_timeout=t))
-        except TimeoutException:
-            gold = []
+        gold = golds.get(sol) if isinstance(sol, str) else None
+        if gold is None:
+            try:
+                gold = bounded(lambda: parse(sol, extraction_mode="first_match", extraction_config=cfg,
+                                             parsing_timeout=t))
+            except TimeoutException:
+                gold = []
+            if isinstance(sol, str):
+                golds[sol] = gold
         if len(gold) == 0:
             rewards.append(1.0)
             continue
