@@ -301,10 +301,10 @@ case $phase in
   grid() { local gpu=$1 name=$2 budget=$3; shift 3
     CUDA_VISIBLE_DEVICES=$gpu bench --steps "${STEPS:-3}" --budget "$budget" --out "$R/bench-$name" "$@" \
       >> "$R/lane-$gpu.txt" 2>&1; }
-  grid 0 trl1024 500 --only trl-novllm --num-generations 4,8,16 --max-completion-length 1024 &
-  grid 1 trl256 500 --only trl-novllm --num-generations 4,8,16 --max-completion-length 256,512 &
-  grid 2 fgnovllm 500 --only fastgrpo-novllm --num-generations 4,8,16 --max-completion-length 256,512,1024 &
-  grid 3 alone 500 --only vllm-alone --num-generations 4,8,16 --max-completion-length 256,512,1024
+  grid 0 trl1024 "${LANE:-500}" --only trl-novllm --num-generations 4,8,16 --max-completion-length 1024 &
+  grid 1 trl256 "${LANE:-500}" --only trl-novllm --num-generations 4,8,16 --max-completion-length 256,512 &
+  grid 2 fgnovllm "${LANE:-500}" --only fastgrpo-novllm --num-generations 4,8,16 --max-completion-length 256,512,1024 &
+  grid 3 alone "${LANE:-500}" --only vllm-alone --num-generations 4,8,16 --max-completion-length 256,512,1024
   wait
   python -m fastgrpo.bench --report "$R"/bench-*/results.jsonl --out "$R/bench" > /dev/null 2>&1
   cp "$R/bench/table.md" "$R/table.txt"; cat "$R/table.txt"
