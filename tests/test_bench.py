@@ -136,6 +136,20 @@ def test_write_outputs_and_report_merge(tmp_path):
     assert "| vllm | alone |" in (tmp_path / "m" / "table.md").read_text()
 
 
+def test_report_merge_takes_reruns_but_never_a_failure_over_a_measurement(tmp_path):
+    first = [_r("vllm", "alone", None, error="not run: --budget used up"), _r("trl", "novllm", 23.0),
+             _r("fastgrpo", "colocate", 2.7)]
+    rerun = [_r("vllm", "alone", 1.35), _r("trl", "novllm", None, error="timeout"), _r("fastgrpo", "colocate", 2.5)]
+    bench_report.write_outputs(tmp_path / "a", first)
+    bench_report.write_outputs(tmp_path / "b", rerun)
+    merged = {r["key"]: r for r in bench_report._load([tmp_path / "a" / "results.jsonl",
+                                                       tmp_path / "b" / "results.jsonl"])}
+    assert len(merged) == 3
+    assert merged["vllm-alone"]["s_per_step"] == 1.35  # the rerun filled a cell the first run left out
+    assert merged["trl-novllm"]["s_per_step"] == 23.0  # a failed rerun keeps the measured cell
+    assert merged["fastgrpo-colocate"]["s_per_step"] == 2.5  # a measured rerun replaces the earlier one
+
+
 def test_tiny_cells_run_in_worker_processes(tmp_path, capsys):
     """One real cell per framework (--tiny, 1 step, G=2, L=8, 4 completions/step), each in its own process."""
     frameworks = "fastgrpo,trl" if importlib.util.find_spec("trl") else "fastgrpo"

@@ -114,4 +114,19 @@ def write_outputs(out: Path, results: list[dict]) -> None:
 
 
 def _load(paths) -> list[dict]:
-    return [json.loads(ln) for p in paths if Path(p).exists() for ln in Path(p).read_text().splitlines() if ln.strip()]
+    """Results of several files, one per cell: a later file's result for a cell replaces an earlier one (a rerun),
+    except that a failed or unrun cell never replaces one that has timed steps."""
+    cells: dict[str, dict] = {}
+    for p in paths:
+        if not Path(p).exists():
+            print(f"[bench] --report: no such file {p}", file=sys.stderr)
+            continue
+        for ln in Path(p).read_text().splitlines():
+            if not ln.strip():
+                continue
+            r = json.loads(ln)
+            key = r.get("key") or json.dumps([r.get(k) for k in ("framework", "mode", "G", "L")])
+            old = cells.get(key)
+            if old is None or not r.get("error") or old.get("error"):
+                cells[key] = r
+    return list(cells.values())
