@@ -296,6 +296,25 @@ case $phase in
     > "$R/lane-a.txt" 2>&1
   tables "run" a
   ;;
+22a)  # one GPU (issue 6): the training half profiled (tools/gpu_train_profile.py), then sync, async, vLLM alone
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 150 python tools/gpu_train_profile.py /tmp/assets/model /tmp/assets/data/train.jsonl "$R/train-profile" \
+    > "$R/train-profile.txt" 2>&1
+  bench --only fastgrpo-colocate,fastgrpo-async,vllm-alone --budget "${BUDGET:-330}" --out "$R/bench-a" \
+    > "$R/lane-a.txt" 2>&1
+  tables "run" a
+  ;;
+22b)  # one GPU (issue 6): async variants: engine process; Python's GIL switch interval 1 ms; the plain stream
+  export CUDA_VISIBLE_DEVICES=0
+  bench --only fastgrpo-async --budget 170 --out "$R/bench-engine" --extra '{"vllm_engine_process": true}' \
+    > "$R/lane-engine.txt" 2>&1
+  mkdir -p /tmp/switch && echo 'import sys; sys.setswitchinterval(0.001)' > /tmp/switch/sitecustomize.py
+  PYTHONPATH=/tmp/switch:$PYTHONPATH bench --only fastgrpo-async --budget 150 --out "$R/bench-switch" \
+    > "$R/lane-switch.txt" 2>&1
+  bench --only fastgrpo-async --budget 150 --out "$R/bench-plain" --extra '{"vllm_priority_stream": false}' \
+    > "$R/lane-plain.txt" 2>&1
+  tables "run" engine switch plain
+  ;;
 21)  # issue 6's grid, the rest (4 GPUs, never run): the no-vLLM cells of fastgrpo and TRL and the vLLM-alone column,
      # G {4, 8, 16} x L {256, 512, 1024}, STEPS (default 3) steps per no-vLLM cell; one cell per GPU at a time
   grid() { local gpu=$1 name=$2 budget=$3; shift 3
