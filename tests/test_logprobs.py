@@ -117,6 +117,39 @@ def test_vocabulary_tiles_equal_full_log_softmax(chunk, block, with_bias):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_row_passes_equal_the_torch_path_on_gpu(with_bias):
+    """The fused Triton passes (fastgrpo.triton_logprobs) against the torch path of the same chunked function and
+    a full fp32 log_softmax: bf16 inputs as in training, a vocabulary that is no multiple of the kernel's block,
+    targets at both ends, two temperatures; values, entropies and the gradients of hidden, weight and bias."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, H, V = 300, 64, 5003
+    hidden = (torch.randn(M, H, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
+    weight = (torch.randn(V, H, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
+    bias = (torch.randn(V, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_() if with_bias else None
+    targets = torch.randint(0, V, (M,), device="cuda", generator=g)
+    targets[:3] = torch.tensor([0, V - 1, V - 1])
+    coeff = torch.linspace(-2.0, 1.0, M, device="cuda")
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    for temperature in (1.0, 0.7):
+        out = {}
+        for fused in (True, False):
+            lp, ent = chunked_logprobs(hidden, weight, bias, targets, temperature, 64, True, None, fused)
+            out[fused] = (lp, ent, torch.autograd.grad((lp * coeff).sum(), params))
+        logits = (hidden.float() @ weight.float().t() + (bias.float() if with_bias else 0.0)).bfloat16().float()
+        ref_lp, ref_ent = plain_logprobs(logits, targets, temperature)
+        (lp, ent, grads), (lp0, ent0, grads0) = out[True], out[False]
+        torch.testing.assert_close(lp, lp0, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ent, ent0, rtol=0, atol=1e-4)
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=2e-2)  # bf16 logits vs their fp32 product
+        torch.testing.assert_close(ent, ref_ent.detach(), rtol=0, atol=2e-2)
+        for a, b in zip(grads, grads0):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+            assert (a.float() - b.float()).abs().mean() < 1e-3 * b.float().abs().mean() + 1e-6
+
+
 def test_rows_match_unpadded_single_sequences(tiny_model_factory, char_tokenizer):
     """Right padding, position ids and the completion-token gather are right for every ragged row."""
     model = tiny_model_factory(seed=5).eval()

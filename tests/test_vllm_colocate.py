@@ -26,6 +26,7 @@ from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.vllm_colocate import (
     _finish_reason,
     _pin_main_stream,
+    engine_process_wanted,
     _sampled_logprobs,
     auto_kv_cache_bytes,
     engine_num_seqs,
@@ -128,6 +129,20 @@ def test_pin_main_stream_overrides_the_runners_cached_stream_only_where_it_has_o
     assert worker.model_runner.main_stream == "engine stream"
     assert not _pin_main_stream(types.SimpleNamespace(model_runner=OtherRunner()), "engine stream")
     assert not _pin_main_stream(types.SimpleNamespace(), "engine stream")
+
+
+def test_engine_process_follows_async_generation_unless_set():
+    """None (default): an engine process exactly when generation runs beside training (async_generation); an
+    explicit value wins; never under torchrun or with tensor parallelism."""
+    def cfg(**kw):
+        return GRPOConfig(output_dir="/tmp/x", use_vllm=True, per_device_train_batch_size=4, num_generations=4, **kw)
+    assert engine_process_wanted(cfg(), 1, 0) is False
+    assert engine_process_wanted(cfg(async_generation=True), 1, 0) is True
+    assert engine_process_wanted(cfg(async_generation=True, vllm_engine_process=False), 1, 0) is False
+    assert engine_process_wanted(cfg(vllm_engine_process=True), 1, 0) is True
+    assert engine_process_wanted(cfg(async_generation=True), 2, 0) is False
+    assert engine_process_wanted(cfg(vllm_engine_process=True), 1, 1) is False
+    assert engine_process_wanted(cfg(async_generation=True, vllm_tensor_parallel_size=2), 1, 0) is False
 
 
 def test_engine_process_pack_unpack_round_trip():

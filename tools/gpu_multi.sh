@@ -296,6 +296,15 @@ case $phase in
     > "$R/lane-a.txt" 2>&1
   tables "run" a
   ;;
+23)  # one GPU: the GPU tests of the fused log-softmax and the colocated engine, then the training half profiled
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 360 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_logprobs.py tests/test_vllm_colocate.py \
+    -s > "$R/gpu-tests.txt" 2>&1; echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
+  grep -E "passed|failed|FIGURE|Error" "$R/gpu-tests.txt" | tail -20
+  timeout 120 python tools/gpu_train_profile.py /tmp/assets/model /tmp/assets/data/train.jsonl "$R/train-profile" \
+    > "$R/train-profile.txt" 2>&1
+  grep -E "budget|forward|profiled|rewards" "$R/train-profile.txt"
+  ;;
 22a)  # one GPU (issue 6): the training half profiled (tools/gpu_train_profile.py), then sync, async, vLLM alone
   export CUDA_VISIBLE_DEVICES=0
   timeout 150 python tools/gpu_train_profile.py /tmp/assets/model /tmp/assets/data/train.jsonl "$R/train-profile" \

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import triton_logprobs
+
 
 @dataclass(slots=True)
 class Rows:
@@ -77,13 +79,21 @@ class _ChunkedLogprob(torch.autograd.Function):
     gets softmax(z) as exp(z - lse) in place, without another max and sum."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, chunk: int, block: int, want_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, inv_temp: float, chunk: int, block: int, want_entropy: bool,
+                fused: bool):
         n, V = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
         ent = torch.empty(n, **f32) if want_entropy else None
+        fused = fused and block >= V and hidden.is_cuda and triton_logprobs.triton is not None
         for s in range(0, n, chunk):
             h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            if fused:  # one Triton pass over each row of the logits (triton_logprobs.py)
+                lse_c, zy, ent_c = triton_logprobs.row_stats(F.linear(h, weight, bias), y, inv_temp, want_entropy)
+                lse[s:s + chunk], logp[s:s + chunk] = lse_c, zy - lse_c
+                if want_entropy:
+                    ent[s:s + chunk] = ent_c
+                continue
             top = total = zy = pz = None
             for lo in range(0, V, block):
                 z = F.linear(h, weight[lo:lo + block], None if bias is None else bias[lo:lo + block])
@@ -103,7 +113,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             if want_entropy:  # H = lse - sum(p z)
                 ent[s:s + chunk] = lse[s:s + chunk] - pz / total
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.inv_temp, ctx.chunk, ctx.block = inv_temp, chunk, block
+        ctx.inv_temp, ctx.chunk, ctx.block, ctx.fused = inv_temp, chunk, block, fused
         ctx.mark_non_differentiable(*([ent] if ent is not None else []))
         return logp, ent
 
@@ -122,13 +132,17 @@ class _ChunkedLogprob(torch.autograd.Function):
             acc = None  # d/dh summed over blocks, fp32 when there are several
             for lo in range(0, V, block):
                 w = weight[lo:lo + block]
-                z = F.linear(h, w, None if bias is None else bias[lo:lo + block]).float() * ctx.inv_temp
+                z = F.linear(h, w, None if bias is None else bias[lo:lo + block])
                 # d logp / d z = onehot(y) - softmax(z); chain through the 1/temperature scaling
-                gz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
-                idx, inside = _local(y, lo, z.shape[1])
-                gz.scatter_add_(1, idx[:, None], torch.where(inside, g, 0.0)[:, None])
-                gz.mul_(ctx.inv_temp)
-                gz = gz.to(hidden.dtype)
+                if ctx.fused:
+                    gz = triton_logprobs.row_grad_(z, lse[s:s + ctx.chunk], y, g, ctx.inv_temp).to(hidden.dtype)
+                else:
+                    z = z.float() * ctx.inv_temp
+                    gz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
+                    idx, inside = _local(y, lo, z.shape[1])
+                    gz.scatter_add_(1, idx[:, None], torch.where(inside, g, 0.0)[:, None])
+                    gz.mul_(ctx.inv_temp)
+                    gz = gz.to(hidden.dtype)
                 if need_h:
                     part = gz @ w
                     acc = part if acc is None else acc.float() + part
@@ -139,7 +153,7 @@ class _ChunkedLogprob(torch.autograd.Function):
             if need_h:
                 gh[s:s + ctx.chunk] = acc
         return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _local(y: torch.Tensor, lo: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,17 +171,18 @@ def _pick(z: torch.Tensor, y: torch.Tensor, lo: int, acc: torch.Tensor | None) -
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                      temperature: float = 1.0, chunk: int = 4096, want_entropy: bool = False,
-                     block: int | None = None):
+                     block: int | None = None, fused: bool = True):
     """hidden [M, H], weight [V, H], targets [M] -> (logp [M] fp32, entropy [M] fp32 or None).
 
     `block`: vocabulary entries per tile; default the whole vocabulary on GPUs, and on CPU tiles of
-    CPU_TILE (rows, vocabulary) that stay in cache."""
+    CPU_TILE (rows, vocabulary) that stay in cache. `fused`: on CUDA with Triton, the row passes run as the kernels
+    of triton_logprobs.py (same math; False keeps the torch path, which the tests compare them with)."""
     if block is None:
         if hidden.device.type == "cpu":
             chunk, block = min(chunk, CPU_TILE[0]), CPU_TILE[1]
         else:
             block = weight.shape[0]
-    return _ChunkedLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, chunk, block, want_entropy)
+    return _ChunkedLogprob.apply(hidden, weight, bias, targets, 1.0 / temperature, chunk, block, want_entropy, fused)
 
 
 #: CPU tile of the log-softmax, rows x vocabulary entries: 2 MB in fp32, the two cores' L2 (measured in docs/benchmarks.md).

@@ -31,8 +31,9 @@ Choices, each checked against the vLLM 0.26 source:
   unmapped memory crashes; `wake()` brings back the rest and resets the prefix cache.
 - vLLM reseeds Python/NumPy/torch global RNGs when it starts; the caller's RNG states are restored afterwards.
 
-Engine process (`vllm_engine_process=True`, one trainer process, tensor_parallel_size 1; otherwise the in-process
-design above is used, since under torchrun the engine must join the trainer's process group):
+Engine process (`vllm_engine_process=True`, or left None with `async_generation`; one trainer process,
+tensor_parallel_size 1; otherwise the in-process design above is used, since under torchrun the engine must join the
+trainer's process group):
 
 - vLLM's default layout: VLLM_ENABLE_V1_MULTIPROCESSING=1 and the `uni` executor, i.e. the EngineCore (scheduler,
   model runner, sampler) runs in its own process on the same GPU (device 0 of the inherited CUDA_VISIBLE_DEVICES)
@@ -203,6 +204,14 @@ def _engine_process_launch():
                 os.environ[key] = value
 
 
+def engine_process_wanted(config, world_size: int, local_rank: int) -> bool:
+    """Whether the engine core gets its own process: `vllm_engine_process`, or when it is None, `async_generation`
+    (generation then runs beside training, and in-process its scheduler would share the trainer's GIL); only for
+    one trainer process with tensor_parallel_size 1 (under torchrun the engine must join the trainer's group)."""
+    wanted = config.async_generation if config.vllm_engine_process is None else config.vllm_engine_process
+    return bool(wanted) and world_size == 1 and config.vllm_tensor_parallel_size == 1 and local_rank == 0
+
+
 def _pin_main_stream(worker, stream) -> bool:
     """Worker side: make the V2 model runner's `main_stream` (a cached property) this stream; False elsewhere."""
     runner = getattr(worker, "model_runner", None)
@@ -261,7 +270,7 @@ class VLLMColocateGenerator(Generator):
         if world_size % self.tp:
             raise ValueError(f"vllm_tensor_parallel_size={self.tp} must divide the number of processes ({world_size}).")
         # Engine in its own process only where it needs no process group shared with the trainer.
-        self.engine_process = bool(config.vllm_engine_process) and world_size == 1 and self.tp == 1 and local_rank == 0
+        self.engine_process = engine_process_wanted(config, world_size, local_rank)
         if self.engine_process:
             self.rank, self._owns_process_group = 0, False
             os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # as in-process (inherited by the engine)
