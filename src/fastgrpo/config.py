@@ -143,7 +143,6 @@ class GRPOConfig:
     vllm_tensor_parallel_size: int = _f(1, "Tensor-parallel size of the colocated vLLM engine.")
     vllm_engine_process: bool | None = _f(None, "Colocate mode, one process, TP 1: run vLLM's engine core in its own process on the same GPU (weights pushed through CUDA IPC), so its CPU work does not contend with training for the GIL. None: on with async_generation (where generation and training run at once), off otherwise. With several processes (torchrun) or TP > 1 the engine stays in-process.")
     vllm_sampler_logprobs: bool = _f(True, "Colocate mode: read the sampled tokens' logprobs (for the importance-sampling correction) from vLLM's sampler on the GPU, once per generation, instead of through vLLM's per-token output objects. Same values, ~0.5 s less per recipe step; False asks vLLM for logprobs=0.")
-    vllm_priority_stream: bool = _f(True, "Colocate mode, in-process engine: generation runs on a CUDA stream of the highest priority, so that with async_generation its small decoding kernels are not queued behind the training's large ones (the GPU hands free SMs to it first). No effect on a synchronous step.")
     vllm_enable_prefix_caching: bool = _f(True, "Share the KV cache of a prompt across its num_generations completions.")
     vllm_importance_sampling_correction: bool = _f(True, "Reweight the loss by trainer/generator probability ratios (truncated IS).")
     vllm_importance_sampling_mode: str = _f("token_truncate", "Per token or per sequence; clip (truncate) or drop (mask) large ratios.", IS_MODES)

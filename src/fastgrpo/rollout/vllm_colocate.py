@@ -349,11 +349,9 @@ class VLLMColocateGenerator(Generator):
         # step's output copy, makes that stream current again. Generation in a background thread (async mode) would
         # then share the training's stream, and a step launched on another stream would be copied out unordered.
         # So the engine gets a stream of its own, and every generate call runs on it.
-        # With async_generation, training kernels fill the GPU meanwhile; a high-priority stream gets SMs as they free.
         self._stream = None
         if not self.engine_process and self.device.type == "cuda":
-            # torch maps a priority beyond the device's range to the nearest valid one: -100 is the highest
-            stream = torch.cuda.Stream(self.device, priority=-100 if config.vllm_priority_stream else 0)
+            stream = torch.cuda.Stream(self.device)
             if all(self.llm.collective_rpc(_pin_main_stream, args=(stream,))):
                 self._stream = stream
 
