@@ -123,6 +123,9 @@ def test_triton_row_passes_equal_the_torch_path_on_gpu(with_bias):
     """The fused Triton passes (fastgrpo.triton_logprobs) against the torch path of the same chunked function and
     a full fp32 log_softmax: bf16 inputs as in training, a vocabulary that is no multiple of the kernel's block,
     targets at both ends, two temperatures; values, entropies and the gradients of hidden, weight and bias."""
+    from fastgrpo import triton_logprobs
+
+    assert triton_logprobs.usable(torch.device("cuda")), "the kernels' self-check failed: training would fall back"
     g = torch.Generator(device="cuda").manual_seed(0)
     M, H, V = 300, 64, 5003
     hidden = (torch.randn(M, H, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
@@ -148,6 +151,32 @@ def test_triton_row_passes_equal_the_torch_path_on_gpu(with_bias):
             assert a.dtype == b.dtype and a.shape == b.shape
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
             assert (a.float() - b.float()).abs().mean() < 1e-3 * b.float().abs().mean() + 1e-6
+
+
+def test_fused_kernels_fall_back_to_torch_with_a_warning_where_they_cannot_run(monkeypatch):
+    """Off CUDA the fused path is never chosen; where a kernel fails (here: made to raise, as a Triton that cannot
+    compile for the device would), the self-check warns and answers False, and the chunked function then gives the
+    torch path's values and gradients."""
+    from fastgrpo import triton_logprobs
+
+    assert not triton_logprobs.usable(torch.device("cpu"))
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(triton_logprobs, "row_stats", broken)
+    with pytest.warns(UserWarning, match="does not run on cpu .*RuntimeError.*torch path"):
+        assert triton_logprobs.self_check(torch.device("cpu")) is False
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g)
+    targets = torch.randint(0, 40, (9,), generator=g)
+    lp, _ = chunked_logprobs(hidden, weight, None, targets, 0.8, 4, False, 40, True)
+    (grad,) = torch.autograd.grad(lp.sum(), [hidden])
+    ref, _ = plain_logprobs(hidden @ weight.t(), targets, 0.8)
+    (want,) = torch.autograd.grad(ref.sum(), [hidden])
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_match_unpadded_single_sequences(tiny_model_factory, char_tokenizer):

@@ -85,7 +85,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
         ent = torch.empty(n, **f32) if want_entropy else None
-        fused = fused and block >= V and hidden.is_cuda and triton_logprobs.triton is not None
+        fused = fused and block >= V and triton_logprobs.usable(hidden.device)
         for s in range(0, n, chunk):
             h, y = hidden[s:s + chunk], targets[s:s + chunk]
             if fused:  # one Triton pass over each row of the logits (triton_logprobs.py)
