@@ -23,7 +23,7 @@ from fastgrpo import loss as L
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 LEVELS = ("token", "sequence")
-VARIANTS = ("plain", "beta", "eps_high", "delta", "is_token", "is_sequence", "entropy_mask", "all")
+VARIANTS = ("plain", "beta", "beta_uncorrected", "eps_high", "delta", "is_token", "is_sequence", "entropy_mask", "all")
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
@@ -76,7 +76,7 @@ def ref_is_weights(old, gen, lengths, keep, mode, clip_min, clip_max):
 
 
 def ref_generation_loss(logp, old, adv, lengths, keep, ref, is_w, ent_mask, *, loss_type, level, eps_low, eps_high,
-                        delta, beta, micro_batch, grad_accum, steps_per_generation, max_len):
+                        delta, beta, micro_batch, grad_accum, steps_per_generation, max_len, kl_bias_correction=True):
     """TRL's loss summed over the micro-batches of a generation batch, as scalar float64 autograd ops.
 
     logp: [N, T] leaf requiring grad; lengths[i]: completion tokens of sequence i; keep[i]: 0 when its loss mask is
@@ -115,7 +115,8 @@ def ref_generation_loss(logp, old, adv, lengths, keep, ref, is_w, ent_mask, *, l
                     lt = lt * (is_w[i][t] if len(is_w[i]) > 1 else is_w[i][0])
                 if beta:
                     d = ref[i, t] - logp[i, t]
-                    lt = lt + beta * (torch.exp(d) - d - 1)
+                    k3 = torch.exp(d) - d - 1
+                    lt = lt + beta * (k3 * r if kl_bias_correction else k3)  # r: the ratio before any clip or cap
                 acc = acc + lt
             seq_sums.append(acc)
             seq_counts.append(n_i)
@@ -170,7 +171,8 @@ def variant_params(loss_type: str, variant: str) -> dict:
     p = dict(eps_low=0.2, eps_high=0.2, delta=None, beta=0.0, is_mode=None, quantile=1.0)
     if loss_type == "cispo":
         p["eps_high"] = 1.25  # CISPO's cap on the ratio itself (TRL: epsilon_high)
-    if variant in ("beta", "all"):
+    p["kl_correction"] = variant != "beta_uncorrected"
+    if variant in ("beta", "beta_uncorrected", "all"):
         p["beta"] = 0.04
     if variant in ("eps_high", "all"):
         p["eps_high"] = 0.28 if loss_type != "cispo" else 1.1
@@ -190,7 +192,7 @@ def sut_generation_loss(b, p, *, loss_type, level, micro_batch, grad_accum, spg,
     logp = b["logp"].clone().requires_grad_(True)
     lengths = torch.tensor([l * k for l, k in zip(b["lengths"], b["keep"])], dtype=torch.float64)
     w = L.sequence_weights(lengths, loss_type, micro_batch, grad_accum, spg, max_len)
-    params = L.LossParams(loss_type, level, p["eps_low"], p["eps_high"], p["delta"], p["beta"])
+    params = L.LossParams(loss_type, level, p["eps_low"], p["eps_high"], p["delta"], p["beta"], p["kl_correction"])
     N = logp.shape[0]
     total, per_mb, ratios = logp.new_zeros(()), [], []
     for m0 in range(0, N, micro_batch):
@@ -241,7 +243,7 @@ def test_loss_and_gradient_match_trl_formulas(loss_type, level, variant, micro_b
     ref_total, ref_per_mb = ref_generation_loss(
         leaf, b["old"], b["adv"], b["lengths"], b["keep"], b["ref"], is_w, ent, loss_type=loss_type, level=level,
         eps_low=p["eps_low"], eps_high=p["eps_high"], delta=p["delta"], beta=p["beta"], micro_batch=micro_batch,
-        grad_accum=grad_accum, steps_per_generation=spg, max_len=max_len)
+        grad_accum=grad_accum, steps_per_generation=spg, max_len=max_len, kl_bias_correction=p["kl_correction"])
     ref_total.backward()
 
     assert total.dtype == torch.float64
@@ -394,3 +396,24 @@ def test_batch_scale_uses_given_std():
     expected = [x - m for x, m in zip(r.tolist(), [0.5, 0.5, 4.0, 4.0])]
     torch.testing.assert_close(adv, torch.tensor([e / (2.5 + 1e-4) for e in expected], dtype=torch.float64), **TOL)
 
+
+
+def test_kl_bias_correction_on_policy_keeps_the_value_and_changes_the_gradient():
+    """TRL 1.16's use_bias_correction_kl (default on): on-policy the ratio is 1 in value, so the loss is the same,
+    but its gradient adds beta * k3 per token (d(k3 r)/dlogp = dk3/dlogp + k3 where r = 1)."""
+    g = torch.Generator().manual_seed(3)
+    logp0 = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    ref = logp0 + (torch.rand(3, 5, generator=g, dtype=torch.float64) - 0.5)
+    adv, mask, beta = torch.tensor([0.5, -1.0, 0.2], dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64), 0.1
+    out = {}
+    for correct in (True, False):
+        logp = logp0.clone().requires_grad_(True)
+        params = L.LossParams("dapo", "token", 0.2, 0.2, None, beta, correct)
+        terms = L.per_token_loss(logp, logp.detach(), adv, mask, params, ref)
+        terms.per_token_loss.sum().backward()
+        out[correct] = (terms.per_token_loss.detach(), logp.grad)
+    d = ref - logp0
+    k3 = torch.exp(d) - d - 1
+    torch.testing.assert_close(out[True][0], out[False][0], **TOL)
+    torch.testing.assert_close(out[True][1] - out[False][1], beta * k3, **TOL)
+    assert (k3 > 1e-3).any()

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from . import trl_compat
 from .config import FIELD_NAMES, ConfigError, GRPOConfig, closest_name
 
 SPEC_KEYS = ("model", "dataset", "rewards", "peft")
@@ -104,7 +105,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
     values = _apply_overrides(dict(values), overrides or [])
     spec_values = {k: values.pop(k) for k in SPEC_KEYS if k in values}
     for key in values:
-        if key not in FIELD_NAMES:
+        if key not in FIELD_NAMES and key not in trl_compat.NAMES:  # TRL's own settings: checked by GRPOConfig
             hint = closest_name(key, list(FIELD_NAMES) + list(SPEC_KEYS))
             raise ConfigError(f"{path or 'command line'}: unknown field '{key}'."
                               + (f" Did you mean '{hint}'?" if hint else " Run `fastgrpo train --help-fields`."))

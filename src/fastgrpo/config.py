@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import trl_compat
+
 __all__ = ["GRPOConfig", "ConfigError", "closest_name"]
 
 
@@ -108,6 +110,7 @@ class GRPOConfig:
 
     # --- algorithm ---
     beta: float = _f(0.0, "Weight of the k3 KL penalty to the reference policy; 0 loads no reference.")
+    use_bias_correction_kl: bool = _f(True, "Multiply the KL term by the importance ratio (differentiable, so it changes the gradient even on-policy): the unbiased reverse-KL gradient of DeepSeek-V3.2, TRL 1.16's default. Only matters when beta != 0.")
     num_iterations: int = _f(1, "Policy updates per generation batch (mu in the GRPO paper).")
     epsilon: float = _f(0.2, "Lower clipping range of the probability ratio.")
     epsilon_high: float | None = _f(None, "Upper clipping range (clip-higher); defaults to epsilon. For cispo, the ratio cap itself.")
@@ -297,23 +300,47 @@ def closest_name(name: str, names) -> str | None:
 
 
 def check_names(values: dict[str, Any], source: str = "GRPOConfig") -> None:
+    """Unknown names raise ConfigError naming the closest field; TRL's own settings that fastgrpo accepts
+    (trl_compat) pass here, and are checked by value in GRPOConfig's constructor."""
     for name in values:
-        if name not in FIELD_NAMES:
-            hint = closest_name(name, FIELD_NAMES)
+        if name not in FIELD_NAMES and name not in trl_compat.NAMES:
+            hint = closest_name(name, FIELD_NAMES | trl_compat.NAMES)
             tip = f" Did you mean '{hint}'?" if hint else " See `fastgrpo train --help-fields` for the list."
             raise ConfigError(f"{source}: unknown field '{name}'.{tip}")
 
 
+#: Fields where TRL's default is None ("decide later") and fastgrpo's is a value: None means fastgrpo's default.
+_NONE_MEANS_DEFAULT = ("disable_tqdm", "fsdp")
+
+
 def _checked_init(init):
-    """GRPOConfig(learning_rat=...) raises ConfigError naming the closest field, not a bare TypeError."""
+    """GRPOConfig(learning_rat=...) raises ConfigError naming the closest field, not a bare TypeError. TRL's own
+    settings (trl_compat) are taken out, checked by value and kept for reading back."""
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_names(kwargs)
+        trl_only = {k: kwargs.pop(k) for k in list(kwargs) if k in trl_compat.NAMES and k not in FIELD_NAMES}
+        for name, value in trl_only.items():
+            why = trl_compat.refusal(name, value)
+            if why:
+                raise ConfigError(why)
+        for name in _NONE_MEANS_DEFAULT:
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        self._trl_settings = trl_only
         init(self, *args, **kwargs)
     return __init__
 
 
+def _trl_setting(self: GRPOConfig, name: str) -> Any:
+    """`args.optim`, `args.log_level`, ...: a TRL setting reads back as passed, or as TRL's default."""
+    if name in trl_compat.NAMES:
+        return self.__dict__.get("_trl_settings", {}).get(name, trl_compat.default(name))
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 GRPOConfig.__init__ = _checked_init(GRPOConfig.__init__)  # type: ignore[method-assign]
+GRPOConfig.__getattr__ = _trl_setting  # type: ignore[attr-defined]
 
 
 def _choice(c: GRPOConfig, name: str, allowed: tuple) -> None:

@@ -59,6 +59,7 @@ class LossParams:
     eps_high: float = 0.2
     delta: float | None = None
     beta: float = 0.0
+    kl_bias_correction: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16's use_bias_correction_kl
 
 
 @dataclass(slots=True)
@@ -67,7 +68,7 @@ class LossTerms:
 
     per_token_loss: torch.Tensor     # what the weights aggregate
     ratio: torch.Tensor              # [B, T] or [B, 1] importance ratio pi / pi_old
-    kl: torch.Tensor | None          # k3 KL to the reference, when beta != 0
+    kl: torch.Tensor | None          # k3 KL to the reference (times the ratio with kl_bias_correction), beta != 0
 
 
 def per_token_loss(
@@ -100,6 +101,8 @@ def per_token_loss(
             raise ValueError("beta != 0 needs ref_logprobs")
         d = ref_logprobs - logprobs
         kl = torch.exp(d) - d - 1
+        if params.kl_bias_correction:  # the unbiased reverse-KL gradient: its value is kl where the ratio is 1
+            kl = kl * ratio
         loss = loss + params.beta * kl
     return LossTerms(loss.expand_as(logprobs) if loss.shape != logprobs.shape else loss, ratio, kl)
 

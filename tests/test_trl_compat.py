@@ -1,0 +1,83 @@
+"""TRL 1.16's GRPOConfig settings that fastgrpo has no field for (fastgrpo.trl_compat): a TRL script or YAML that
+sets them runs unchanged where they cannot change what is trained, and stops with a ConfigError naming the field
+and the fix where they would."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fastgrpo import GRPOConfig, cli, trl_compat
+from fastgrpo.config import FIELD_NAMES, ConfigError
+
+
+def cfg(**kw):
+    return GRPOConfig(output_dir="/tmp/fastgrpo-trl-compat", **kw)
+
+
+def test_every_trl_setting_is_accepted_at_trls_default_and_reads_back():
+    plain = cfg()
+    assert not trl_compat.NAMES & FIELD_NAMES  # one definition per setting
+    for name in sorted(trl_compat.NAMES):
+        c = cfg(**{name: trl_compat.default(name)})
+        assert c.to_dict() == plain.to_dict(), name  # nothing fastgrpo trains with moved
+        assert getattr(c, name) == trl_compat.default(name) and getattr(plain, name) == trl_compat.default(name)
+    # TRL's None ("decide later") for two fields fastgrpo gives a value: fastgrpo's default
+    c = cfg(disable_tqdm=None, fsdp=None)
+    assert (c.disable_tqdm, c.fsdp) == (plain.disable_tqdm, plain.fsdp)
+
+
+def test_ignored_settings_take_any_value_and_change_nothing_trained():
+    values = {"log_level": "debug", "torch_compile": True, "use_liger_kernel": True, "dataloader_pin_memory": False,
+              "ddp_timeout": 60, "logging_strategy": "epoch", "data_seed": 7, "sapo_temperature_pos": 2.0}
+    c = cfg(**values)
+    assert c.to_dict() == cfg().to_dict()
+    assert {k: getattr(c, k) for k in values} == values
+
+
+@pytest.mark.parametrize("name,value", [("optim", "sgd"), ("entropy_coef", 0.01), ("use_adaptive_entropy", True),
+                                        ("deepspeed", "ds_config.json"), ("lr_scheduler_kwargs", {"num_cycles": 1}),
+                                        ("sync_ref_model", True), ("neftune_noise_alpha", 5.0),
+                                        ("load_best_model_at_end", True), ("off_policy_mask_threshold", 0.5)])
+def test_settings_that_would_change_training_are_refused_naming_the_fix(name, value):
+    with pytest.raises(ConfigError, match=rf"^{name}=.*does not implement.*Fix: "):
+        cfg(**{name: value})
+
+
+def test_values_that_mean_trls_default_are_accepted():
+    for kw in ({"optim": "adamw_torch"}, {"optim": "adamw_hf"}, {"lr_scheduler_kwargs": {}}, {"entropy_coef": 0},
+               {"activation_checkpointing": False}):
+        cfg(**kw)
+    with pytest.raises(ConfigError, match="entropy_coef"):
+        cfg(entropy_coef=1e-3)
+
+
+def test_unknown_names_still_refused_with_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"unknown field 'optimm'\. Did you mean 'optim'\?"):
+        cfg(optimm="adamw_torch")
+    with pytest.raises(ConfigError, match=r"unknown field 'lerning_rate'\. Did you mean 'learning_rate'\?"):
+        cfg(lerning_rate=1e-5)
+
+
+def test_yaml_run_config_with_trl_settings(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: some/model\nlearning_rate: 2.0e-5\noptim: adamw_torch\nlog_level: info\n"
+                    "dataloader_num_workers: 4\nreport_to: none\n")
+    config, _ = cli.load_run_config(str(path), [])
+    assert config.learning_rate == 2e-5 and config.optim == "adamw_torch" and config.log_level == "info"
+    path.write_text("model: some/model\nentropy_coef: 0.1\n")
+    with pytest.raises(ConfigError, match="entropy_coef=0.1"):
+        cli.load_run_config(str(path), [])
+
+
+def test_table_matches_trl_when_installed():
+    """Where TRL is installed (it is an optional extra): every field of its GRPOConfig is either fastgrpo's own or
+    in the table, with the table's default."""
+    trl = pytest.importorskip("trl")
+    for f in dataclasses.fields(trl.GRPOConfig):
+        if f.name in FIELD_NAMES:
+            continue
+        assert f.name in trl_compat.NAMES, f"TRL {trl.__version__} field {f.name!r} is not covered"
+        trl_default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert trl_compat.default(f.name) == trl_default, f.name
