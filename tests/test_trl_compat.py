@@ -81,3 +81,18 @@ def test_table_matches_trl_when_installed():
         assert f.name in trl_compat.NAMES, f"TRL {trl.__version__} field {f.name!r} is not covered"
         trl_default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert trl_compat.default(f.name) == trl_default, f.name
+
+
+def test_trainer_accepts_trls_extra_arguments_as_none_only():
+    """GRPOTrainer's TRL-only arguments (tools, rollout_func, environment_factory, quantization_config): None is
+    TRL's default and accepted; a value is refused before anything is loaded, naming the argument."""
+    from fastgrpo import GRPOTrainer
+
+    def reward(completions, **kw):
+        return [0.0] * len(completions)
+
+    none = dict(tools=None, rollout_func=None, environment_factory=None, quantization_config=None)
+    with pytest.raises(ConfigError, match=r"unexpected arguments \['foo'\]"):  # the None ones passed
+        GRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=cfg(), foo=1, **none)
+    with pytest.raises(ConfigError, match=r"tools= is a TRL argument fastgrpo does not implement .*Fix: remove it"):
+        GRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=cfg(), tools=[reward])

@@ -55,6 +55,12 @@ def auto_token_budget(model_config, free_bytes: int) -> int:
     return max(MIN_GPU_TOKEN_BUDGET, min(AUTO_GPU_TOKEN_BUDGET, fits // 1024 * 1024))
 
 
+#: GRPOTrainer arguments of TRL 1.16 beyond fastgrpo's: accepted when None (as TRL's defaults), refused otherwise.
+_TRL_ONLY_ARGS = {"quantization_config": "quantized loading is not implemented",
+                  "tools": "no tool calls during generation", "rollout_func": "the rollout is fastgrpo's own",
+                  "environment_factory": "no environments during generation"}
+
+
 class TrainOutput(dict):
     """TRL returns a TrainOutput(global_step, training_loss, metrics); this dict offers both styles."""
 
@@ -75,6 +81,11 @@ class GRPOTrainer:
     def __init__(self, model: Any, reward_funcs: Any, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
                  optimizers=(None, None), peft_config=None, **unused: Any) -> None:
+        for name, what in _TRL_ONLY_ARGS.items():  # TRL 1.16 arguments fastgrpo accepts only as None
+            if unused.get(name, None) is not None:
+                raise ConfigError(f"GRPOTrainer: {name}= is a TRL argument fastgrpo does not implement ({what}). "
+                                  f"Fix: remove it.")
+            unused.pop(name, None)
         if unused:
             raise ConfigError(f"GRPOTrainer got unexpected arguments {sorted(unused)}.")
         if args is None:
