@@ -290,9 +290,9 @@ case $phase in
     > "$R/gen-colocate-noprefix.txt" 2>&1
   grep -h '"variant"' "$R"/gen-*.txt | tee "$R/gen.txt"
   ;;
-20)  # one GPU (issue 6): the recipe cells in one call: fastgrpo colocate (sync, async), TRL colocate, vLLM alone
+20)  # one GPU (issue 6): the recipe cells in one call: vLLM alone first (the ratio needs it), fastgrpo colocate (sync, async), TRL colocate
   export CUDA_VISIBLE_DEVICES=0
-  bench --only fastgrpo-colocate,fastgrpo-async,trl-colocate,vllm-alone --budget "${BUDGET:-540}" --out "$R/bench-a" \
+  bench --only vllm-alone,fastgrpo-colocate,fastgrpo-async,trl-colocate --budget "${BUDGET:-540}" --out "$R/bench-a" \
     > "$R/lane-a.txt" 2>&1
   tables "run" a
   ;;
