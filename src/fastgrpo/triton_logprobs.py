@@ -23,7 +23,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: logprobs.py keeps its torch path
+except Exception:  # noqa: BLE001 - not installed (CPU-only installs) or broken: logprobs.py keeps its torch path
     triton = None
 
 BLOCK = 4096
