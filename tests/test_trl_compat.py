@@ -96,3 +96,44 @@ def test_trainer_accepts_trls_extra_arguments_as_none_only():
         GRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=cfg(), foo=1, **none)
     with pytest.raises(ConfigError, match=r"tools= is a TRL argument fastgrpo does not implement .*Fix: remove it"):
         GRPOTrainer(model="/nonexistent/model", reward_funcs=reward, args=cfg(), tools=[reward])
+
+
+def test_the_end_of_an_open_r1_style_script_runs(tiny_model_factory, char_tokenizer, conversational_dataset,
+                                                 tiny_config, capsys):
+    """The Trainer calls TRL scripts make after train() (open-r1's grpo.py): log_metrics, save_metrics (split files
+    and the merged all_results.json), save_state, save_model, accelerator.is_main_process, create_model_card."""
+    import json
+    import os
+
+    from conftest import content_reward
+
+    from fastgrpo import GRPOTrainer
+
+    trainer = GRPOTrainer(tiny_model_factory(), content_reward, args=tiny_config(max_steps=2),
+                          train_dataset=conversational_dataset, processing_class=char_tokenizer)
+    metrics = trainer.train().metrics
+    metrics["train_samples"] = len(conversational_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_metrics("eval", {"eval_reward": 0.5})
+    trainer.save_state()
+    out = trainer.args.output_dir
+    trainer.save_model(out)
+    assert trainer.accelerator.is_main_process and trainer.accelerator.num_processes == 1
+    assert trainer.is_world_process_zero()
+    trainer.accelerator.wait_for_everyone()
+    trainer.create_model_card(dataset_name="AI-MO/NuminaMath-TIR", tags=["open-r1"])
+
+    printed = capsys.readouterr().out
+    assert "***** train metrics *****" in printed and "train_samples" in printed
+    with open(os.path.join(out, "train_results.json")) as f:
+        assert json.load(f)["train_samples"] == 8
+    with open(os.path.join(out, "all_results.json")) as f:
+        merged = json.load(f)
+    assert merged["eval_reward"] == 0.5 and merged["train_samples"] == 8 and "train_loss" in merged
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["global_step"] == 2 and state["log_history"][-1]["step"] == 2
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\n") and "AI-MO/NuminaMath-TIR" in card and "- open-r1" in card and "GRPO" in card
+    assert os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "model.safetensors"))

@@ -28,6 +28,7 @@ from .metrics import MetricsSink
 from .optim import make_optimizer, make_scheduler
 from .rewards import RewardError, resolve_reward, score
 from .rollout import SamplingParams, make_generator
+from .script_api import ScriptAPI
 
 log = logging.getLogger("fastgrpo")
 # Tokens per forward pass on a GPU when micro_batch_tokens is unset: the loss does not depend on how sequences are
@@ -77,7 +78,7 @@ class TrainOutput(dict):
         return dict(self)
 
 
-class GRPOTrainer:
+class GRPOTrainer(ScriptAPI):
     def __init__(self, model: Any, reward_funcs: Any, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
                  optimizers=(None, None), peft_config=None, **unused: Any) -> None:
