@@ -137,3 +137,27 @@ def test_the_end_of_an_open_r1_style_script_runs(tiny_model_factory, char_tokeni
     card = open(os.path.join(out, "README.md")).read()
     assert card.startswith("---\n") and "AI-MO/NuminaMath-TIR" in card and "- open-r1" in card and "GRPO" in card
     assert os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_the_head_of_an_open_r1_style_script_runs(monkeypatch):
+    """TrainingArguments' helpers that scripts call on the config: the process's log level, device, n_gpu, ranks,
+    main_process_first; under torchrun they follow RANK / LOCAL_RANK / WORLD_SIZE as in transformers."""
+    import logging
+
+    import torch
+
+    args = cfg(log_level="info")
+    assert args.get_process_log_level() == logging.INFO
+    assert args.device == torch.device("cpu") and args.n_gpu == 0  # CPU machine (CI)
+    assert (args.process_index, args.local_process_index, args.world_size, args.local_rank) == (0, 0, 1, -1)
+    assert args.should_log and args.should_save
+    with args.main_process_first(desc="tokenize"):
+        pass
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    replica = cfg(log_level="info", log_level_replica="error")
+    assert (replica.process_index, replica.local_process_index, replica.world_size) == (3, 1, 4)
+    assert not replica.should_log and not replica.should_save
+    assert replica.get_process_log_level() == logging.ERROR
+    assert isinstance(cfg().get_process_log_level(), int)  # 'passive': transformers' own level

@@ -54,7 +54,7 @@ FSDP_OPTIONS = ("full_shard", "auto_wrap", "no_shard")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(trl_compat.TrainingArgumentsAPI):
     """Settings of a GRPO run. See the module docstring for the batch vocabulary."""
 
     # --- output and run ---

@@ -11,6 +11,9 @@ line changed only (GRPOConfig accepts them; reading one back gives the value pas
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from typing import Any
 
 #: name -> TRL 1.16's default, for the settings accepted whatever their value.
@@ -85,3 +88,73 @@ def refusal(name: str, value: Any) -> str | None:
     if value == dflt or any(value == s and type(value) is type(s) for s in same):
         return None
     return f"{name}={value!r} is a TRL setting fastgrpo does not implement (TRL's default {dflt!r} is accepted). Fix: {fix}."
+
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+               "critical": logging.CRITICAL}
+
+
+class TrainingArgumentsAPI:
+    """The read-only helpers of transformers' TrainingArguments that TRL scripts call on their config (open-r1's
+    grpo.py logs `args.device` and `args.n_gpu` and sets its log level from `args.get_process_log_level()`),
+    computed from the torchrun environment as transformers computes them. Mixed into GRPOConfig."""
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", 0))
+
+    @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", 1))
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cuda", self.local_process_index) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
+    def n_gpu(self) -> int:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        return 1 if self.world_size > 1 else torch.cuda.device_count()
+
+    @property
+    def should_log(self) -> bool:
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        return self.process_index == 0
+
+    def get_process_log_level(self) -> int:
+        """The `logging` level for this process: log_level on the main process, log_level_replica elsewhere;
+        'passive' leaves transformers' own level (WARNING unless changed)."""
+        name = self.log_level if self.should_log else self.log_level_replica
+        if name == "passive":
+            try:
+                from transformers.utils import logging as hf_logging
+
+                return hf_logging.get_verbosity()
+            except ImportError:
+                return logging.WARNING
+        return _LOG_LEVELS.get(str(name).lower(), logging.WARNING)
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """Run the block on the main process first, then on the others (e.g. a dataset map that caches)."""
+        import torch.distributed as dist
+
+        active = dist.is_available() and dist.is_initialized() and self.world_size > 1
+        main = (self.local_process_index if local else self.process_index) == 0
+        if active and not main:
+            dist.barrier()
+        yield
+        if active and main:
+            dist.barrier()
