@@ -161,3 +161,35 @@ def test_the_head_of_an_open_r1_style_script_runs(monkeypatch):
     assert not replica.should_log and not replica.should_save
     assert replica.get_process_log_level() == logging.ERROR
     assert isinstance(cfg().get_process_log_level(), int)  # 'passive': transformers' own level
+
+
+def test_argument_parsers_built_from_the_dataclass_work():
+    """TRL's scripts parse their command line with TrlParser((ScriptArguments, GRPOConfig, ModelConfig)), an
+    HfArgumentParser: every field of fastgrpo's GRPOConfig must turn into an option, an empty command line must give
+    the defaults, and typed values must come through (and validation keep working after the parser has resolved the
+    dataclass's field types)."""
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses(["--output_dir", "/tmp/o"])
+    assert parsed.to_dict() == GRPOConfig(output_dir="/tmp/o").to_dict()
+    (parsed,) = HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses([
+        "--output_dir", "/tmp/o", "--learning_rate", "2e-5", "--use_vllm", "--num_generations", "4",
+        "--no_shuffle_dataset", "--report_to", "none", "--scale_rewards", "batch", "--vllm_kv_cache_memory_bytes",
+        "2000000000", "--fsdp", "full_shard", "--beta", "0.04", "--resume_from_checkpoint", "/tmp/o/checkpoint-2"])
+    assert (parsed.learning_rate, parsed.use_vllm, parsed.num_generations, parsed.shuffle_dataset) == (2e-5, True, 4,
+                                                                                                       False)
+    assert (parsed.scale_rewards, parsed.vllm_kv_cache_memory_bytes, parsed.beta) == ("batch", 2_000_000_000, 0.04)
+    assert parsed.reporters == [] and parsed.fsdp_mode == "full_shard"
+    assert parsed.resume_from_checkpoint == "/tmp/o/checkpoint-2"
+    with pytest.raises(ConfigError, match="num_generations"):  # validation still names the field
+        HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses(["--output_dir", "/tmp/o", "--num_generations", "1"])
+    assert cfg(resume_from_checkpoint=True).resume_from_checkpoint is True  # Python callers may still pass True
+    assert cfg(scale_rewards=False).scale_rewards == "none"
+
+
+def test_trl_parser_when_installed():
+    trl = pytest.importorskip("trl")
+    script, args, model = trl.TrlParser((trl.ScriptArguments, GRPOConfig, trl.ModelConfig)).parse_args_and_config(
+        ["--dataset_name", "AI-MO/NuminaMath-TIR", "--output_dir", "/tmp/o", "--use_vllm", "true",
+         "--vllm_mode", "colocate", "--bf16", "false"])
+    assert isinstance(args, GRPOConfig) and args.use_vllm and args.vllm_mode == "colocate" and args.bf16 is False

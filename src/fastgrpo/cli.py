@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from . import trl_compat
-from .config import FIELD_NAMES, ConfigError, GRPOConfig, closest_name
+from .config import FIELD_NAMES, FIELD_TYPES, ConfigError, GRPOConfig, closest_name
 
 SPEC_KEYS = ("model", "dataset", "rewards", "peft")
 DATASET_KEYS = ("path", "split", "name", "prompt_column", "system_prompt", "eval_split", "chat", "data_files")
@@ -73,7 +73,7 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-_NUMERIC = {f.name for f in dataclasses.fields(GRPOConfig) if "int" in f.type or "float" in f.type}
+_NUMERIC = {name for name, kinds in FIELD_TYPES.items() if "int" in kinds or "float" in kinds}
 
 
 def _coerce_numbers(values: dict) -> None:
@@ -172,7 +172,7 @@ def _fields_help() -> str:
     for f in dataclasses.fields(GRPOConfig):
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(choices)}]" if choices else ""
-        lines.append(f"  {f.name} ({f.type}, default {f.default if f.default is not dataclasses.MISSING else '...'})"
+        lines.append(f"  {f.name} ({' | '.join(FIELD_TYPES[f.name])}, default {f.default if f.default is not dataclasses.MISSING else '...'})"
                      f"{extra}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 

@@ -117,7 +117,7 @@ class GRPOConfig(trl_compat.TrainingArgumentsAPI):
     delta: float | None = _f(None, "Two-sided clipping: cap of the unclipped ratio (None: off).")
     importance_sampling_level: str = _f("token", "Ratio per token (GRPO) or per sequence (GSPO).", IS_LEVELS)
     loss_type: str = _f("dapo", "Loss normalisation; see fastgrpo.loss.", LOSS_TYPES)
-    scale_rewards: str | bool = _f("group", "Divide advantages by the std of the group, of the batch, or not at all.", SCALE_REWARDS)
+    scale_rewards: str = _f("group", "Divide advantages by the std of the group, of the batch, or not at all.", SCALE_REWARDS)
     reward_weights: list[float] | None = _f(None, "One weight per reward function; defaults to all 1.")
     mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length from the loss.")
     top_entropy_quantile: float = _f(1.0, "Train only on tokens whose entropy is in this top fraction (1.0: all).")
@@ -168,7 +168,7 @@ class GRPOConfig(trl_compat.TrainingArgumentsAPI):
     save_steps: float = _f(500, "Checkpoint every this many optimizer steps (save_strategy='steps').")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     save_only_model: bool = _f(False, "Leave optimizer and RNG state out of checkpoints (then they cannot resume exactly).")
-    resume_from_checkpoint: str | bool | None = _f(None, "Checkpoint to resume from; True takes the newest in output_dir.")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from; True takes the newest in output_dir.")
     push_to_hub: bool = _f(False, "Push the final model to the Hub after training; a failed push never fails the run.")
     hub_model_id: str | None = _f(None, "Repository for push_to_hub; defaults to the output folder's name.")
     hub_token: str | None = _f(None, "Token for push_to_hub; defaults to the cached login.")
@@ -292,6 +292,9 @@ def _round_knob(c: GRPOConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------------
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
+#: Each field's annotation as its type names, read once here: argument parsers built from dataclasses
+#: (HfArgumentParser) later replace the fields' `type` strings with the resolved types.
+FIELD_TYPES = {f.name: [k.strip() for k in str(f.type).split("|")] for f in dataclasses.fields(GRPOConfig)}
 
 
 def closest_name(name: str, names) -> str | None:
@@ -310,7 +313,7 @@ def check_names(values: dict[str, Any], source: str = "GRPOConfig") -> None:
 
 
 #: Fields where TRL's default is None ("decide later") and fastgrpo's is a value: None means fastgrpo's default.
-_NONE_MEANS_DEFAULT = ("disable_tqdm", "fsdp")
+_NONE_MEANS_DEFAULT = ("disable_tqdm", "fsdp", "report_to")
 
 
 def _checked_init(init):
@@ -363,11 +366,16 @@ def _is_number(text: str) -> bool:
         return False
 
 
+#: Types a field takes beyond its annotation. The annotations stay in the one-type-or-None forms that argument
+#: parsers built from dataclasses (transformers' HfArgumentParser, TRL's TrlParser) can turn into options.
+_ALSO_ACCEPTS = {"resume_from_checkpoint": ["bool"], "scale_rewards": ["bool"]}
+
+
 def _check_types(c: GRPOConfig) -> None:
     """Reject values of the wrong type (from YAML, the CLI or Python) naming the field and what it takes."""
     for f in dataclasses.fields(c):
         value = getattr(c, f.name)
-        kinds = [k.strip() for k in f.type.split("|")]
+        kinds = FIELD_TYPES[f.name] + _ALSO_ACCEPTS.get(f.name, [])
         if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
             continue
         if "int" in kinds and "float" not in kinds and isinstance(value, float) and value.is_integer():
@@ -457,6 +465,8 @@ def _validate(c: GRPOConfig) -> None:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}.")
     if not 0 < c.vllm_gpu_memory_utilization <= 1:
         raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {c.vllm_gpu_memory_utilization}.")
+    if isinstance(c.vllm_kv_cache_memory_bytes, str) and c.vllm_kv_cache_memory_bytes.strip().isdigit():
+        c.vllm_kv_cache_memory_bytes = int(c.vllm_kv_cache_memory_bytes)  # from a command line, as text
     if not (isinstance(c.vllm_kv_cache_memory_bytes, int) and c.vllm_kv_cache_memory_bytes > 0) and c.vllm_kv_cache_memory_bytes not in (None, "auto"):
         raise ConfigError(f"vllm_kv_cache_memory_bytes must be a positive integer, 'auto' or None, got {c.vllm_kv_cache_memory_bytes!r}.")
     if c.max_steps == 0 or c.max_steps < -1:
