@@ -18,10 +18,12 @@ def cfg(**kw):
 
 def test_every_trl_setting_is_accepted_at_trls_default_and_reads_back():
     plain = cfg()
-    assert not trl_compat.NAMES & FIELD_NAMES  # one definition per setting
+    own = set(GRPOConfig.__annotations__)  # fastgrpo's fields; TRL's are inherited from trl_compat.TRLSettings
+    assert trl_compat.NAMES <= FIELD_NAMES and not trl_compat.NAMES & own  # one definition per setting
+    assert all(f.kw_only for f in dataclasses.fields(GRPOConfig) if f.name in trl_compat.NAMES)
     for name in sorted(trl_compat.NAMES):
         c = cfg(**{name: trl_compat.default(name)})
-        assert c.to_dict() == plain.to_dict(), name  # nothing fastgrpo trains with moved
+        assert c.to_dict() == plain.to_dict(), name
         assert getattr(c, name) == trl_compat.default(name) and getattr(plain, name) == trl_compat.default(name)
     # TRL's None ("decide later") for two fields fastgrpo gives a value: fastgrpo's default
     c = cfg(disable_tqdm=None, fsdp=None)
@@ -32,7 +34,8 @@ def test_ignored_settings_take_any_value_and_change_nothing_trained():
     values = {"log_level": "debug", "torch_compile": True, "use_liger_kernel": True, "dataloader_pin_memory": False,
               "ddp_timeout": 60, "logging_strategy": "epoch", "data_seed": 7, "sapo_temperature_pos": 2.0}
     c = cfg(**values)
-    assert c.to_dict() == cfg().to_dict()
+    mine = lambda d: {k: v for k, v in d.items() if k not in trl_compat.NAMES}  # noqa: E731
+    assert mine(c.to_dict()) == mine(cfg().to_dict())  # nothing fastgrpo trains with moved
     assert {k: getattr(c, k) for k in values} == values
 
 
@@ -187,9 +190,29 @@ def test_argument_parsers_built_from_the_dataclass_work():
     assert cfg(scale_rewards=False).scale_rewards == "none"
 
 
-def test_trl_parser_when_installed():
+def test_trl_settings_are_parser_options_too():
+    """TRL's settings are keyword-only fields, so parsers give them options: `--optim`, `--ddp_timeout`, ... on a
+    command line, with the same check by value."""
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/o", "--optim", "adamw_torch", "--log_level", "info", "--ddp_timeout", "60"])
+    assert (parsed.optim, parsed.log_level, parsed.ddp_timeout) == ("adamw_torch", "info", 60)
+    with pytest.raises(ConfigError, match="entropy_coef=0.1"):
+        HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses(["--output_dir", "/tmp/o", "--entropy_coef", "0.1"])
+    assert GRPOConfig("/tmp/positional").output_dir == "/tmp/positional"  # TRL's first positional argument
+
+
+def test_trl_parser_when_installed(tmp_path):
+    """TRL's own script layout: TrlParser over (ScriptArguments, GRPOConfig, ModelConfig) with a --config YAML that
+    mixes TRL-only settings, fastgrpo's fields and ScriptArguments' keys, and command-line overrides."""
     trl = pytest.importorskip("trl")
-    script, args, model = trl.TrlParser((trl.ScriptArguments, GRPOConfig, trl.ModelConfig)).parse_args_and_config(
-        ["--dataset_name", "AI-MO/NuminaMath-TIR", "--output_dir", "/tmp/o", "--use_vllm", "true",
-         "--vllm_mode", "colocate", "--bf16", "false"])
-    assert isinstance(args, GRPOConfig) and args.use_vllm and args.vllm_mode == "colocate" and args.bf16 is False
+    path = tmp_path / "grpo.yaml"
+    path.write_text("output_dir: /tmp/o\nlearning_rate: 2.0e-5\nlog_level: info\nlogging_strategy: steps\n"
+                    "optim: adamw_torch\ndo_eval: false\nuse_vllm: true\ndataset_name: AI-MO/NuminaMath-TIR\n")
+    parser = trl.TrlParser((trl.ScriptArguments, GRPOConfig, trl.ModelConfig))
+    script, args, model = parser.parse_args_and_config(["--config", str(path), "--vllm_mode", "colocate",
+                                                        "--bf16", "false", "--ddp_timeout", "60"])
+    assert isinstance(args, GRPOConfig) and script.dataset_name == "AI-MO/NuminaMath-TIR"
+    assert (args.learning_rate, args.use_vllm, args.vllm_mode, args.bf16) == (2e-5, True, "colocate", False)
+    assert (args.log_level, args.optim, args.ddp_timeout) == ("info", "adamw_torch", 60)

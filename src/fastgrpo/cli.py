@@ -105,7 +105,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
     values = _apply_overrides(dict(values), overrides or [])
     spec_values = {k: values.pop(k) for k in SPEC_KEYS if k in values}
     for key in values:
-        if key not in FIELD_NAMES and key not in trl_compat.NAMES:  # TRL's own settings: checked by GRPOConfig
+        if key not in FIELD_NAMES:
             hint = closest_name(key, list(FIELD_NAMES) + list(SPEC_KEYS))
             raise ConfigError(f"{path or 'command line'}: unknown field '{key}'."
                               + (f" Did you mean '{hint}'?" if hint else " Run `fastgrpo train --help-fields`."))
@@ -170,10 +170,14 @@ def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False):
 def _fields_help() -> str:
     lines = []
     for f in dataclasses.fields(GRPOConfig):
+        if f.name in trl_compat.NAMES:
+            continue
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(choices)}]" if choices else ""
         lines.append(f"  {f.name} ({' | '.join(FIELD_TYPES[f.name])}, default {f.default if f.default is not dataclasses.MISSING else '...'})"
                      f"{extra}\n      {f.metadata.get('help', '')}")
+    lines.append(f"  ...and TRL 1.16's other GRPOConfig settings ({len(trl_compat.NAMES)}: optim, log_level, ...), "
+                 "accepted for compatibility: ignored, or only at TRL's default (fastgrpo/trl_compat.py).")
     return "\n".join(lines)
 
 

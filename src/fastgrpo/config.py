@@ -54,7 +54,7 @@ FSDP_OPTIONS = ("full_shard", "auto_wrap", "no_shard")
 
 
 @dataclass
-class GRPOConfig(trl_compat.TrainingArgumentsAPI):
+class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     """Settings of a GRPO run. See the module docstring for the batch vocabulary."""
 
     # --- output and run ---
@@ -294,7 +294,8 @@ def _round_knob(c: GRPOConfig) -> str:
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
 #: Each field's annotation as its type names, read once here: argument parsers built from dataclasses
 #: (HfArgumentParser) later replace the fields' `type` strings with the resolved types.
-FIELD_TYPES = {f.name: [k.strip() for k in str(f.type).split("|")] for f in dataclasses.fields(GRPOConfig)}
+FIELD_TYPES = {f.name: [k.strip() for k in (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).split("|")]
+               for f in dataclasses.fields(GRPOConfig)}
 
 
 def closest_name(name: str, names) -> str | None:
@@ -303,11 +304,9 @@ def closest_name(name: str, names) -> str | None:
 
 
 def check_names(values: dict[str, Any], source: str = "GRPOConfig") -> None:
-    """Unknown names raise ConfigError naming the closest field; TRL's own settings that fastgrpo accepts
-    (trl_compat) pass here, and are checked by value in GRPOConfig's constructor."""
     for name in values:
-        if name not in FIELD_NAMES and name not in trl_compat.NAMES:
-            hint = closest_name(name, FIELD_NAMES | trl_compat.NAMES)
+        if name not in FIELD_NAMES:
+            hint = closest_name(name, FIELD_NAMES)
             tip = f" Did you mean '{hint}'?" if hint else " See `fastgrpo train --help-fields` for the list."
             raise ConfigError(f"{source}: unknown field '{name}'.{tip}")
 
@@ -317,33 +316,18 @@ _NONE_MEANS_DEFAULT = ("disable_tqdm", "fsdp", "report_to")
 
 
 def _checked_init(init):
-    """GRPOConfig(learning_rat=...) raises ConfigError naming the closest field, not a bare TypeError. TRL's own
-    settings (trl_compat) are taken out, checked by value and kept for reading back."""
+    """GRPOConfig(learning_rat=...) raises ConfigError naming the closest field, not a bare TypeError."""
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_names(kwargs)
-        trl_only = {k: kwargs.pop(k) for k in list(kwargs) if k in trl_compat.NAMES and k not in FIELD_NAMES}
-        for name, value in trl_only.items():
-            why = trl_compat.refusal(name, value)
-            if why:
-                raise ConfigError(why)
         for name in _NONE_MEANS_DEFAULT:
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
-        self._trl_settings = trl_only
         init(self, *args, **kwargs)
     return __init__
 
 
-def _trl_setting(self: GRPOConfig, name: str) -> Any:
-    """`args.optim`, `args.log_level`, ...: a TRL setting reads back as passed, or as TRL's default."""
-    if name in trl_compat.NAMES:
-        return self.__dict__.get("_trl_settings", {}).get(name, trl_compat.default(name))
-    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
 GRPOConfig.__init__ = _checked_init(GRPOConfig.__init__)  # type: ignore[method-assign]
-GRPOConfig.__getattr__ = _trl_setting  # type: ignore[attr-defined]
 
 
 def _choice(c: GRPOConfig, name: str, allowed: tuple) -> None:
@@ -374,6 +358,8 @@ _ALSO_ACCEPTS = {"resume_from_checkpoint": ["bool"], "scale_rewards": ["bool"]}
 def _check_types(c: GRPOConfig) -> None:
     """Reject values of the wrong type (from YAML, the CLI or Python) naming the field and what it takes."""
     for f in dataclasses.fields(c):
+        if f.name in trl_compat.NAMES:  # TRL's settings: ignored, or checked by value (_validate)
+            continue
         value = getattr(c, f.name)
         kinds = FIELD_TYPES[f.name] + _ALSO_ACCEPTS.get(f.name, [])
         if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
@@ -415,6 +401,8 @@ def _check_fsdp(c: GRPOConfig) -> None:
 
 
 def _validate(c: GRPOConfig) -> None:
+    for why in trl_compat.refusals(c):
+        raise ConfigError(why)
     _check_types(c)
     _check_fsdp(c)
     if c.scale_rewards is True:

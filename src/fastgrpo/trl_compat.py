@@ -1,5 +1,6 @@
 """TRL 1.16 GRPOConfig settings that fastgrpo has no field of its own for, so that a TRL script runs with its import
-line changed only (GRPOConfig accepts them; reading one back gives the value passed, or TRL's default).
+line changed only. They are keyword-only fields of a base class of GRPOConfig (TRLSettings), so Python, YAML and
+argument parsers built from the dataclass (HfArgumentParser, TrlParser) all take them.
 
 - IGNORED: the Hugging Face Trainer's machinery (dataloaders, DDP/DeepSpeed/Accelerate hooks, log levels, the Hub's
   push strategy, evaluation bookkeeping, compile and kernel switches) and settings of losses or modes fastgrpo does
@@ -12,6 +13,7 @@ line changed only (GRPOConfig accepts them; reading one back gives the value pas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -72,12 +74,49 @@ AT_DEFAULT: dict[str, tuple[Any, tuple, str]] = {
 
 NAMES = frozenset(IGNORED) | frozenset(AT_DEFAULT)
 
-
 def default(name: str) -> Any:
     if name in IGNORED:
         value = IGNORED[name]
         return list(value) if isinstance(value, list) else value
     return AT_DEFAULT[name][0]
+
+
+#: TRL's settings whose default is None but whose values are mappings (given as JSON text on a command line).
+_MAPPINGS = ("lr_scheduler_kwargs", "activation_checkpointing_kwargs", "accelerator_config", "fsdp_config",
+             "liger_kernel_config", "transformers_continuous_batching_config", "parallelism_config")
+
+
+def _annotation(name: str, value: Any):
+    """A type that argument parsers built from dataclasses (HfArgumentParser, TrlParser) turn into an option."""
+    if name in _MAPPINGS:
+        return dict | str | None
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, (int, float, str)):
+        return type(value)
+    if isinstance(value, list):
+        return list[str]
+    return str | None  # None: any text; these settings are ignored or checked by value
+
+
+def _field(name: str) -> dataclasses.Field:
+    value = default(name)
+    help = ("TRL setting, accepted and ignored by fastgrpo." if name in IGNORED else
+            f"TRL setting fastgrpo does not implement: only {AT_DEFAULT[name][0]!r} (TRL's default) is accepted.")
+    if isinstance(value, list):
+        return dataclasses.field(default_factory=list, metadata={"help": help}, kw_only=True)
+    return dataclasses.field(default=value, metadata={"help": help}, kw_only=True)
+
+
+#: A base of GRPOConfig holding TRL's settings as keyword-only fields, so that every way of building a config
+#: (Python, YAML, HfArgumentParser / TrlParser options and --config files) takes them.
+TRLSettings = dataclasses.make_dataclass(
+    "TRLSettings", [(n, _annotation(n, default(n)), _field(n)) for n in sorted(NAMES)], kw_only=True)
+
+
+def refusals(config) -> list[str]:
+    """The messages of every TRL setting of `config` set to a value fastgrpo cannot honour."""
+    return [why for name in AT_DEFAULT if (why := refusal(name, getattr(config, name))) is not None]
 
 
 def refusal(name: str, value: Any) -> str | None:
