@@ -292,10 +292,17 @@ def _round_knob(c: GRPOConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------------
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
+
+
+def _type_names(annotation: Any) -> list[str]:
+    """'int | None' -> ['int', 'None']; fastgrpo's annotations are text, trl_compat's generated ones are types."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return [k.strip() for k in text.split("|")]
+
+
 #: Each field's annotation as its type names, read once here: argument parsers built from dataclasses
 #: (HfArgumentParser) later replace the fields' `type` strings with the resolved types.
-FIELD_TYPES = {f.name: [k.strip() for k in (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).split("|")]
-               for f in dataclasses.fields(GRPOConfig)}
+FIELD_TYPES = {f.name: _type_names(f.type) for f in dataclasses.fields(GRPOConfig)}
 
 
 def closest_name(name: str, names) -> str | None:

@@ -54,13 +54,16 @@ class ProcessInfo:
         barrier(self.dist)
 
 
-def _write_json(path: str, value: Any) -> None:
+def _write(path: str, text: str) -> None:
+    """Write a file whole or not at all (a crash leaves the previous one)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=4, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _write_json(path: str, value: Any) -> None:
+    _write(path, json.dumps(value, indent=4, sort_keys=True, default=str) + "\n")
 
 
 class ScriptAPI:
@@ -131,8 +134,4 @@ class ScriptAPI:
                   + (f" on `{dataset_name}`." if dataset_name else "."), "",
                   f"Optimizer steps: {self.state.global_step}; {self.args.num_generations} completions per prompt, "
                   f"up to {self.args.max_completion_length} tokens; learning rate {self.args.learning_rate}.", ""]
-        path = os.path.join(self.args.output_dir, "README.md")
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(lines))
-        os.replace(path + ".tmp", path)
+        _write(os.path.join(self.args.output_dir, "README.md"), "\n".join(lines))

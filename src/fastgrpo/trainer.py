@@ -83,10 +83,9 @@ class GRPOTrainer(ScriptAPI):
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
                  optimizers=(None, None), peft_config=None, **unused: Any) -> None:
         for name, what in _TRL_ONLY_ARGS.items():  # TRL 1.16 arguments fastgrpo accepts only as None
-            if unused.get(name, None) is not None:
+            if unused.pop(name, None) is not None:
                 raise ConfigError(f"GRPOTrainer: {name}= is a TRL argument fastgrpo does not implement ({what}). "
                                   f"Fix: remove it.")
-            unused.pop(name, None)
         if unused:
             raise ConfigError(f"GRPOTrainer got unexpected arguments {sorted(unused)}.")
         if args is None:

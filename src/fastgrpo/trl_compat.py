@@ -74,6 +74,7 @@ AT_DEFAULT: dict[str, tuple[Any, tuple, str]] = {
 
 NAMES = frozenset(IGNORED) | frozenset(AT_DEFAULT)
 
+
 def default(name: str) -> Any:
     if name in IGNORED:
         value = IGNORED[name]
@@ -104,8 +105,8 @@ def _field(name: str) -> dataclasses.Field:
     help = ("TRL setting, accepted and ignored by fastgrpo." if name in IGNORED else
             f"TRL setting fastgrpo does not implement: only {AT_DEFAULT[name][0]!r} (TRL's default) is accepted.")
     if isinstance(value, list):
-        return dataclasses.field(default_factory=list, metadata={"help": help}, kw_only=True)
-    return dataclasses.field(default=value, metadata={"help": help}, kw_only=True)
+        return dataclasses.field(default_factory=list, metadata={"help": help})
+    return dataclasses.field(default=value, metadata={"help": help})
 
 
 #: A base of GRPOConfig holding TRL's settings as keyword-only fields, so that every way of building a config
@@ -120,9 +121,7 @@ def refusals(config) -> list[str]:
 
 
 def refusal(name: str, value: Any) -> str | None:
-    """Why `name=value` cannot be honoured (the ConfigError's message), or None when it is accepted."""
-    if name not in AT_DEFAULT:
-        return None
+    """Why `name=value` (a setting of AT_DEFAULT) cannot be honoured (the ConfigError's message), or None."""
     dflt, same, fix = AT_DEFAULT[name]
     if value == dflt or any(value == s and type(value) is type(s) for s in same):
         return None
