@@ -37,6 +37,15 @@ def main(model: str, data: str, out: str = "/tmp/train-profile") -> None:
     values = {k: v for k, v in recipe_config(spec, "fastgrpo", True).items() if k in FIELD_NAMES}
     trainer = GRPOTrainer(args=GRPOConfig(**values), **_trainer_kwargs(spec))
     args, model_, dev = trainer.args, trainer.model, trainer.device
+    variant = os.environ.get("FG_VARIANT", "")
+    base = model_.get_base_model() if hasattr(model_, "get_base_model") else model_
+    if "liger" in variant:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
+    if "compile" in variant:
+        for layer in base.model.layers:
+            layer.compile(dynamic=True)
+    print(f"variant: {variant or 'base'}")
     g = torch.Generator().manual_seed(0)
     prompts = trainer.train_prompts[:16]
     V = model_.get_output_embeddings().weight.shape[0]
@@ -68,20 +77,25 @@ def main(model: str, data: str, out: str = "/tmp/train-profile") -> None:
 
     auto = trainer._token_budget() or 4096
     print(f"auto token budget: {auto}")
-    for budget in (auto, 8192, 32768, 65536, None) if cuda else (auto,):
+    quick = bool(os.environ.get("FG_QUICK"))
+    for budget in (auto, 8192, 32768, 65536, None) if cuda and not quick else (auto,):
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         walls = []
-        for _ in range(5):
+        for i in range(7 if quick else 5):
             t = time.perf_counter()
-            step(budget)
+            norm, _ = step(budget)
             sync()
             walls.append(time.perf_counter() - t)
+            if i == 0:
+                print(f"first step's grad norm: {norm:.6f}")
         n = len(B.plan_passes(list(range(128)), 8, budget, lengths))
         print(f"budget {budget} ({n} passes): {statistics.median(walls[1:]):.3f} s/step (median of 4 after one), "
               f"peak allocated {torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} GiB, walls "
               f"{[round(w, 3) for w in walls]}")
+    if quick:
+        return
     # forward alone (no grad) of the auto budget's passes
     with torch.no_grad():
         sync()
