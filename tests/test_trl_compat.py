@@ -31,7 +31,7 @@ def test_every_trl_setting_is_accepted_at_trls_default_and_reads_back():
 
 
 def test_ignored_settings_take_any_value_and_change_nothing_trained():
-    values = {"log_level": "debug", "torch_compile": True, "use_liger_kernel": True, "dataloader_pin_memory": False,
+    values = {"log_level": "debug", "liger_kernel_config": {"rope": False}, "dataloader_pin_memory": False,
               "ddp_timeout": 60, "logging_strategy": "epoch", "data_seed": 7, "sapo_temperature_pos": 2.0}
     c = cfg(**values)
     mine = lambda d: {k: v for k, v in d.items() if k not in trl_compat.NAMES}  # noqa: E731

@@ -290,10 +290,20 @@ case $phase in
     > "$R/gen-colocate-noprefix.txt" 2>&1
   grep -h '"variant"' "$R"/gen-*.txt | tee "$R/gen.txt"
   ;;
-20)  # one GPU (issue 6): the recipe cells in one call: vLLM alone first (the ratio needs it), fastgrpo colocate (sync, async), TRL colocate
+20)  # one GPU (issue 6): the recipe cells in one call: vLLM alone first (the ratio needs it), fastgrpo colocate (sync,
+    # async), TRL colocate; ONLY= picks a subset (a call's 600 s hold about three of the four)
   export CUDA_VISIBLE_DEVICES=0
-  bench --only vllm-alone,fastgrpo-colocate,fastgrpo-async,trl-colocate --budget "${BUDGET:-540}" --out "$R/bench-a" \
-    > "$R/lane-a.txt" 2>&1
+  bench --only "${ONLY:-vllm-alone,fastgrpo-colocate,fastgrpo-async,trl-colocate}" --budget "${BUDGET:-540}" \
+    --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
+  tables "run" a
+  ;;
+25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
+    > "$R/gpu-tests.txt" 2>&1; echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
+  grep -E "passed|failed|Error" "$R/gpu-tests.txt" | tail -8
+  bench --only "${ONLY:-vllm-alone,fastgrpo-colocate,fastgrpo-async}" --budget "${BUDGET:-330}" \
+    --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
   tables "run" a
   ;;
 23)  # one GPU: the GPU tests of the fused log-softmax and the colocated engine, then the training half profiled

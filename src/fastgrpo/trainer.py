@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import kernels
 from .config import ConfigError, GRPOConfig
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
@@ -154,6 +155,7 @@ class GRPOTrainer(ScriptAPI):
         self.ref_model = None
         if args.beta != 0.0 and not self.is_peft:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.speedups = self._speed_up_layers()
         if self.fsdp:  # after the reference copy: copying a sharded model would copy its process-group state
             for m in (self.model, self.ref_model):
                 if m is not None:
@@ -278,6 +280,21 @@ class GRPOTrainer(ScriptAPI):
             return None
 
     # ------------------------------------------------------------------------------------------- internals
+    def _speed_up_layers(self) -> list[str]:
+        """Liger's kernels (policy and reference model) or compiled decoder layers (policy): see kernels.py."""
+        args, done = self.args, []
+        if kernels.liger_wanted(args, self.device, self.fsdp):
+            if all(kernels.apply_liger(m) for m in (self.model, self.ref_model) if m is not None):
+                done.append("liger")
+            elif args.use_liger_kernel:
+                warnings.warn(f"use_liger_kernel=True: Liger has no kernels for model type "
+                              f"{getattr(self.model.config, 'model_type', '?')!r} (or they failed their check on "
+                              "this GPU); training without them.")
+        if args.compiles:
+            n = kernels.compile_layers(self.model, args.torch_compile_backend, args.torch_compile_mode)
+            done.append(f"torch_compile ({n} layers)" if n else "torch_compile (whole model)")
+        return done
+
     def _autocast(self):
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)

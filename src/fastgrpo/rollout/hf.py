@@ -30,6 +30,7 @@ import warnings
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..kernels import eager_layers
 from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
 from . import graphed
@@ -99,10 +100,15 @@ class HFGenerator(Generator):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        out_ids, reasons = [], []
-        per_call = max(1, self.batch_size // params.n)
         lean = self._lean(params, device)
         static = None if lean is not None else self._static(params, device)
+        with eager_layers(model):
+            return self._generate(prompt_ids, params, lean, static, device, was_training)
+
+    def _generate(self, prompt_ids, params: SamplingParams, lean, static, device, was_training) -> Generation:
+        model = self.model
+        out_ids, reasons = [], []
+        per_call = max(1, self.batch_size // params.n)
         try:
             for s in range(0, len(prompt_ids), per_call):
                 ids, att = left_padded(prompt_ids[s:s + per_call], self.pad_id)
