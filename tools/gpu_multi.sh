@@ -297,6 +297,18 @@ case $phase in
     --out "$R/bench-a" > "$R/lane-a.txt" 2>&1
   tables "run" a
   ;;
+26)  # one GPU (issue 6, async): vLLM alone, then the async cell as is, with 4096-token passes (shorter training
+    # kernels between generation's), with compiled layers, and with compiled layers and the engine in-process
+  export CUDA_VISIBLE_DEVICES=0
+  v() { local name=$1 budget=$2 only=$3 extra=$4
+    bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
+    echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)"; }
+  v alone 90 vllm-alone '{}'
+  v async 100 fastgrpo-async '{}'
+  v tok4096 100 fastgrpo-async '{"micro_batch_tokens": 4096}'
+  v compiled 160 fastgrpo-async '{"torch_compile": true}'
+  v inproc 140 fastgrpo-async '{"torch_compile": true, "vllm_engine_process": false}'
+  ;;
 25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
   export CUDA_VISIBLE_DEVICES=0
   timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
