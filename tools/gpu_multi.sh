@@ -303,11 +303,13 @@ case $phase in
   v() { local name=$1 budget=$2 only=$3 extra=$4
     bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
     echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)"; }
-  v alone 90 vllm-alone '{}'
-  v async 100 fastgrpo-async '{}'
-  v tok4096 100 fastgrpo-async '{"micro_batch_tokens": 4096}'
-  v compiled 160 fastgrpo-async '{"torch_compile": true}'
-  v inproc 140 fastgrpo-async '{"torch_compile": true, "vllm_engine_process": false}'
+  for cell in ${CELLS:-alone async tok4096 compiled inproc}; do case $cell in
+    alone) v alone "${B1:-90}" vllm-alone '{}' ;;
+    async) v async "${B2:-100}" fastgrpo-async '{}' ;;
+    tok4096) v tok4096 "${B3:-100}" fastgrpo-async '{"micro_batch_tokens": 4096}' ;;
+    compiled) v compiled "${B4:-160}" fastgrpo-async '{"torch_compile": true}' ;;
+    inproc) v inproc "${B5:-140}" fastgrpo-async '{"torch_compile": true, "vllm_engine_process": false}' ;;
+  esac; done
   ;;
 25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
   export CUDA_VISIBLE_DEVICES=0
