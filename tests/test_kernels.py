@@ -40,6 +40,13 @@ def test_use_liger_kernel_and_torch_compile_resolve_per_device_and_setting(tiny_
         assert kernels.liger_wanted(tiny_config(use_liger_kernel=True), CUDA, True)
 
 
+def test_compile_mode_and_backend_are_checked_with_the_config(tiny_config):
+    with pytest.raises(ConfigError, match=r"torch_compile_mode='max_autotune'.*Did you mean 'max-autotune'"):
+        tiny_config(torch_compile_mode="max_autotune")
+    with pytest.raises(ConfigError, match=r"torch_compile_backend='inductr' is not a torch.compile backend.*inductor"):
+        tiny_config(torch_compile_backend="inductr")
+
+
 def test_a_module_patch_is_confined_to_the_model_it_was_given():
     """Liger's patch functions swap classes and functions in the modeling module; `confine` puts the classes back
     and keeps a swapped function for CUDA tensors only, so models built later (on CPU too) run as before."""
@@ -79,8 +86,9 @@ def _train(tiny_model_factory, char_tokenizer, dataset, config):
     return trainer, before, out
 
 
-def test_compiled_layers_train_as_the_plain_ones(tiny_model_factory, char_tokenizer, conversational_dataset,
-                                                 tiny_config, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
+def test_compiled_layers_train_as_the_plain_ones(checkpointing, tiny_model_factory, char_tokenizer,
+                                                 conversational_dataset, tiny_config, tmp_path):
     """torch_compile_backend alone turns compilation on; with aot_eager (autograd traced, no code generation) the
     arithmetic is the plain model's, so losses and trained weights agree; LoRA moved, base weights did not, and
     generation (which runs the layers eagerly) worked in between."""
@@ -88,7 +96,8 @@ def test_compiled_layers_train_as_the_plain_ones(tiny_model_factory, char_tokeni
     torch._dynamo.utils.counters.clear()
     for name, extra in (("plain", {}), ("compiled", {"torch_compile_backend": "aot_eager"})):
         runs[name] = _train(tiny_model_factory, char_tokenizer, conversational_dataset,
-                            tiny_config(max_steps=2, output_dir=str(tmp_path / name), **extra))
+                            tiny_config(max_steps=2, output_dir=str(tmp_path / name),
+                                        gradient_checkpointing=checkpointing, **extra))
     (plain, _, out0), (comp, before, out1) = runs["plain"], runs["compiled"]
     assert plain.speedups == [] and comp.speedups == ["torch_compile (2 layers)"]
     assert all(layer._compiled_call_impl is not None for layer in kernels.decoder_layers(comp.model))

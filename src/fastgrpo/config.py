@@ -416,6 +416,21 @@ def _check_fsdp(c: GRPOConfig) -> None:
                           "either 'no_shard' or 'full_shard'.")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile(c: GRPOConfig) -> None:
+    """torch.compile's mode and backend, checked here rather than when the trainer compiles the layers."""
+    if c.torch_compile_mode is not None:
+        _choice(c, "torch_compile_mode", COMPILE_MODES)
+    if c.torch_compile_backend is not None:
+        import torch._dynamo  # imported only for this check: it takes about a second
+
+        if c.torch_compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"torch_compile_backend={c.torch_compile_backend!r} is not a torch.compile backend "
+                              f"here; use one of {torch._dynamo.list_backends()} (or None: 'inductor').")
+
+
 def _validate(c: GRPOConfig) -> None:
     for why in trl_compat.refusals(c):
         raise ConfigError(why)
@@ -456,6 +471,7 @@ def _validate(c: GRPOConfig) -> None:
         positive(name)
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
+    _check_compile(c)
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")

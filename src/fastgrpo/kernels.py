@@ -86,8 +86,14 @@ def apply_liger(model: torch.nn.Module) -> bool:
     patch = table[model_type]
     wanted = dict(rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False)
     accepted = inspect.signature(patch).parameters  # the functions differ by model type (geglu, layer_norm...)
-    patch(model=base, **{k: v for k, v in wanted.items() if k in accepted})
-    confine(module, before)
+    try:
+        patch(model=base, **{k: v for k, v in wanted.items() if k in accepted})
+    except Exception as e:  # noqa: BLE001 - a module patched before the failure computes what it did before
+        warnings.warn(f"fastgrpo: Liger's patch for model type {model_type!r} failed ({type(e).__name__}: {e}); "
+                      "training without it.")
+        return False
+    finally:
+        confine(module, before)
     return True
 
 
