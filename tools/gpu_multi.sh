@@ -38,6 +38,7 @@ finish() {
   tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null
 }
 trap finish EXIT
+trap 'exit 124' TERM  # timeout's SIGTERM: exit through the EXIT trap, so that the results come back
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python -c "import vllm, torch, transformers, peft, trl; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
 } > "$R/gpu.txt" 2>&1
@@ -310,6 +311,18 @@ case $phase in
     compiled) v compiled "${B4:-160}" fastgrpo-async '{"torch_compile": true}' ;;
     inproc) v inproc "${B5:-140}" fastgrpo-async '{"torch_compile": true, "vllm_engine_process": false}' ;;
   esac; done
+  ;;
+27)  # one GPU (issue 6, async): the same cells under CUDA MPS, where the host lets us start its daemon: with MPS the
+    # engine process's and the trainer's kernels can share the GPU at once instead of taking turns by time slice
+  export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if ! nvidia-cuda-mps-control -d; then echo "MPS: the daemon does not start here" | tee -a "$R/summary.txt"; exit 0; fi
+  if ! timeout 60 python -c "import torch; print('CUDA under MPS:', torch.ones(2, device='cuda').sum().item())"; then
+    echo "MPS: CUDA does not run under it here" | tee -a "$R/summary.txt"; cat /tmp/mps-log/* | tail -5; exit 0; fi
+  bench --only "${ONLY:-vllm-alone,fastgrpo-async,fastgrpo-colocate}" --budget "${BUDGET:-420}" --out "$R/bench-a" \
+    > "$R/lane-a.txt" 2>&1
+  tables "MPS" a
+  echo quit | nvidia-cuda-mps-control
   ;;
 25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
   export CUDA_VISIBLE_DEVICES=0
