@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .modeling import base_model
+
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -53,7 +55,7 @@ class TrainerState:
 
 
 def model_signature(model: torch.nn.Module) -> dict:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cfg = base.config
     return {"model_type": getattr(cfg, "model_type", None), "hidden_size": getattr(cfg, "hidden_size", None),
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None),

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from .modeling import base_model
+
 
 @dataclass(frozen=True, slots=True)
 class Dist:
@@ -182,7 +184,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, b
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    base = _fsdp_root(model)
+    base = base_model(model)  # the FSDP root: PeftModel.generate calls it directly, past the wrapper's forward
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
@@ -203,23 +205,17 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, b
     register_fsdp_forward_method(base, FSDP_METHOD)
 
 
-def _fsdp_root(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model, also inside a PeftModel: PeftModel.generate calls it directly, past the wrapper's
-    forward, and it holds every parameter (LoRA layers are injected into it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(_fsdp_root(model), FSDPModule)
+    return isinstance(base_model(model), FSDPModule)
 
 
 def set_gradient_sync(model: torch.nn.Module, on: bool) -> None:
     """FSDP2: reduce-scatter gradients in this backward (the last pass of an accumulation window) or only
     accumulate them locally. Replicated ranks average once per window anyway: no-op."""
     if is_sharded(model):
-        _fsdp_root(model).set_requires_gradient_sync(on)
+        base_model(model).set_requires_gradient_sync(on)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

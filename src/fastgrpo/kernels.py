@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from .config import ConfigError
+from .modeling import base_model as _base
 
 
 def _liger():
@@ -33,10 +34,6 @@ def _liger():
     except Exception:  # noqa: BLE001 - not installed (CPU installs) or broken against this torch / triton
         return None
     return MODEL_TYPE_TO_APPLY_LIGER_FN
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def liger_wanted(config, device: torch.device, sharded: bool) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_logprobs
+from .modeling import base_model
 
 
 @dataclass(slots=True)
@@ -197,7 +198,7 @@ def plain_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def causal_lm_parts(model: torch.nn.Module):
     """(backbone, output layer) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
     return backbone, base.get_output_embeddings()
 
@@ -206,7 +207,7 @@ def logit_transform(model: torch.nn.Module):
     """The elementwise map a causal LM applies to its output layer's result inside forward(), from its config:
     Gemma 2/3's final_logit_softcapping (c * tanh(z / c)), Cohere's logit_scale (z * s), Granite's logits_scaling
     (z / g); None when the logits are the output layer's own (Qwen2, Llama, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cfg = getattr(base, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     cap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
@@ -240,7 +241,7 @@ def completion_logprobs(model: torch.nn.Module, rows: Rows, temperature: float =
                        position_ids=rows.position_ids).logits
         lp, ent = plain_logprobs(logits[rows.rows, rows.cols], rows.targets, temperature)
         return lp, (ent.detach() if want_entropy else None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     through_root = getattr(base, FSDP_METHOD, None)
     if through_root is not None:
         return through_root(rows, temperature, chunk, want_entropy)

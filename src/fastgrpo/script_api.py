@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .distributed import Dist, barrier
+from .modeling import base_model
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ class ScriptAPI:
         """output_dir/README.md: a model card naming the base model, the dataset and GRPO (main process)."""
         if not self.dist.is_main:
             return
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or "unknown"
         tag_list = ["fastgrpo", "grpo"] + ([tags] if isinstance(tags, str) else list(tags or []))
         lines = ["---", f"base_model: {base_name}", "library_name: " + ("peft" if hasattr(self.model, "peft_config")

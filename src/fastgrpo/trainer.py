@@ -25,6 +25,7 @@ from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, v
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
+from .modeling import base_model
 from .metrics import MetricsSink
 from .optim import make_optimizer, make_scheduler
 from .rewards import RewardError, resolve_reward, score
@@ -463,7 +464,7 @@ def _gather_dispatched(model, device) -> None:
         return
     from accelerate.hooks import remove_hook_from_module
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
     for m in hooked:
         remove_hook_from_module(m)
