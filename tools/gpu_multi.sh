@@ -346,7 +346,7 @@ case $phase in
   export CUDA_VISIBLE_DEVICES=0
   timeout 150 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_logprobs.py > "$R/gpu-tests.txt" 2>&1
   echo "gpu tests: exit $?" | tee -a "$R/summary.txt"; tail -2 "$R/gpu-tests.txt"
-  for v in ${VARIANTS:-base liger compile liger-compile}; do
+  for v in ${VARIANTS:-plain liger compile}; do
     FG_VARIANT=$v FG_QUICK=1 timeout "${VT:-150}" python tools/gpu_train_profile.py /tmp/assets/model \
       /tmp/assets/data/train.jsonl "$R/tp-$v" > "$R/train-$v.txt" 2>&1
     echo "$v: exit $?"; grep -E "variant|budget|grad norm|rewards|Error" "$R/train-$v.txt" | tail -5

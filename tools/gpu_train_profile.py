@@ -35,17 +35,13 @@ def main(model: str, data: str, out: str = "/tmp/train-profile") -> None:
     spec = dict(model=model, data=data, G=8, L=512, steps=1, completions_per_step=128, per_device_batch=8,
                 gpu_memory_utilization=0.3, mode="novllm", out_dir=out)
     values = {k: v for k, v in recipe_config(spec, "fastgrpo", True).items() if k in FIELD_NAMES}
+    # FG_VARIANT: the layers as the trainer sets them up; "plain" (no Liger), "liger" (the default on CUDA) or
+    # "compile" (torch_compile=True)
+    variant = os.environ.get("FG_VARIANT", "liger")
+    values.update({"plain": {"use_liger_kernel": False}, "liger": {}, "compile": {"torch_compile": True}}[variant])
     trainer = GRPOTrainer(args=GRPOConfig(**values), **_trainer_kwargs(spec))
     args, model_, dev = trainer.args, trainer.model, trainer.device
-    variant = os.environ.get("FG_VARIANT", "")
-    base = model_.get_base_model() if hasattr(model_, "get_base_model") else model_
-    if "liger" in variant:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
-    if "compile" in variant:
-        for layer in base.model.layers:
-            layer.compile(dynamic=True)
-    print(f"variant: {variant or 'base'}")
+    print(f"variant: {variant}, layers: {trainer.speedups or ['plain']}")
     g = torch.Generator().manual_seed(0)
     prompts = trainer.train_prompts[:16]
     V = model_.get_output_embeddings().weight.shape[0]
@@ -91,7 +87,7 @@ def main(model: str, data: str, out: str = "/tmp/train-profile") -> None:
             if i == 0:
                 print(f"first step's grad norm: {norm:.6f}")
         n = len(B.plan_passes(list(range(128)), 8, budget, lengths))
-        print(f"budget {budget} ({n} passes): {statistics.median(walls[1:]):.3f} s/step (median of 4 after one), "
+        print(f"budget {budget} ({n} passes): {statistics.median(walls[1:]):.3f} s/step (median of {len(walls) - 1} after one), "
               f"peak allocated {torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} GiB, walls "
               f"{[round(w, 3) for w in walls]}")
     if quick:
