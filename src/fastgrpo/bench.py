@@ -396,6 +396,8 @@ def run_cell(spec: dict, timeout: float) -> dict:
                   **step_stats([s["wall"] for s in steps], [s.get("tokens") or 0.0 for s in steps], cps)}
     if result.get("error") and result.get("step_walls"):
         result["error"] += f" (after {len(result['step_walls'])} of {spec['steps']} steps)"
+    elif error:  # cut before its first step: start-up (vLLM's first start compiles for about a minute) ate it
+        result["error"] += " before its first step; give the cell more --budget"
     result.update(gpu_peak_used_gib=None if peak[0] is None or base is None else (peak[0] - base) / 1024,
                   gpu_baseline_gib=None if base is None else base / 1024, cell_wall_s=time.perf_counter() - t0,
                   log=str(log_path))
