@@ -88,7 +88,7 @@ def _train(tiny_model_factory, char_tokenizer, dataset, config):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient-checkpointing"])
 def test_compiled_layers_train_as_the_plain_ones(checkpointing, tiny_model_factory, char_tokenizer,
-                                                 conversational_dataset, tiny_config, tmp_path):
+                                                 conversational_dataset, tiny_config, tmp_path, capsys):
     """torch_compile_backend alone turns compilation on; with aot_eager (autograd traced, no code generation) the
     arithmetic is the plain model's, so losses and trained weights agree; LoRA moved, base weights did not, and
     generation (which runs the layers eagerly) worked in between."""
@@ -99,6 +99,7 @@ def test_compiled_layers_train_as_the_plain_ones(checkpointing, tiny_model_facto
                             tiny_config(max_steps=2, output_dir=str(tmp_path / name),
                                         gradient_checkpointing=checkpointing, **extra))
     (plain, _, out0), (comp, before, out1) = runs["plain"], runs["compiled"]
+    assert "torch_compile: the 2 decoder layers compile during the first training pass" in capsys.readouterr().err
     assert plain.speedups == [] and comp.speedups == ["torch_compile (2 layers)"]
     assert all(layer._compiled_call_impl is not None for layer in kernels.decoder_layers(comp.model))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers were traced, not skipped

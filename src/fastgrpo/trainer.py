@@ -294,6 +294,10 @@ class GRPOTrainer(ScriptAPI):
         if args.compiles:
             n = kernels.compile_layers(self.model, args.torch_compile_backend, args.torch_compile_mode)
             done.append(f"torch_compile ({n} layers)" if n else "torch_compile (whole model)")
+            if self.dist.rank == 0:  # the first training pass stalls while it compiles: say why beforehand
+                what = f"the {n} decoder layers compile" if n else "the model compiles"
+                print(f"[fastgrpo] torch_compile: {what} during the first training pass (about a minute on a GPU).",
+                      file=sys.stderr, flush=True)
         return done
 
     def _autocast(self):
