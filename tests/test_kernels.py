@@ -77,6 +77,18 @@ def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model_factory):
     assert layers is model.get_base_model().model.layers and len(layers) == 3
 
 
+def test_compiled_layers_run_eagerly_inside_eager_layers_and_compiled_again_after(tiny_model_factory):
+    model = tiny_model_factory()
+    assert kernels.compile_layers(model, "eager", None) == 2
+    layers = kernels.decoder_layers(model)
+    compiled = [layer._compiled_call_impl for layer in layers]
+    assert all(c is not None for c in compiled)
+    with kernels.eager_layers(model):
+        assert all(layer._compiled_call_impl is None for layer in layers)
+        model(torch.tensor([[1, 2, 3]]))
+    assert [layer._compiled_call_impl for layer in layers] == compiled
+
+
 def _train(tiny_model_factory, char_tokenizer, dataset, config):
     trainer = GRPOTrainer(tiny_model_factory(), content_reward, args=config, train_dataset=dataset,
                           processing_class=char_tokenizer,
