@@ -25,8 +25,8 @@ from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, v
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
-from .modeling import base_model
 from .metrics import MetricsSink
+from .modeling import base_model
 from .optim import make_optimizer, make_scheduler
 from .rewards import RewardError, resolve_reward, score
 from .rollout import SamplingParams, make_generator

@@ -100,43 +100,39 @@ class HFGenerator(Generator):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        lean = self._lean(params, device)
-        static = None if lean is not None else self._static(params, device)
-        with eager_layers(model):
-            return self._generate(prompt_ids, params, lean, static, device, was_training)
-
-    def _generate(self, prompt_ids, params: SamplingParams, lean, static, device, was_training) -> Generation:
-        model = self.model
         out_ids, reasons = [], []
         per_call = max(1, self.batch_size // params.n)
+        lean = self._lean(params, device)
+        static = None if lean is not None else self._static(params, device)
         try:
-            for s in range(0, len(prompt_ids), per_call):
-                ids, att = left_padded(prompt_ids[s:s + per_call], self.pad_id)
-                # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
-                ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
-                rows = None  # rows cut after their first EOS, from a decoding loop of our own
-                if lean is not None:
-                    rows = decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids)
-                elif static is not None:
-                    rows = self._decode_static(static, ids.to(device), att.to(device), params)
-                if rows is not None:
-                    out_ids.extend(rows)
-                    reasons.extend("stop" if r and r[-1] in self.eos_ids else "length" for r in rows)
-                    continue
-                kwargs = dict(max_new_tokens=params.max_tokens,
-                              eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                              repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                if params.temperature > 0:
-                    kwargs["logits_processor"] = LogitsProcessorList([InverseCdfSampler(
-                        params.temperature, params.top_k, params.top_p, params.min_p)])
-                with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                    seqs = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
-                for row in seqs[:, ids.shape[1]:].tolist():  # the prompt width
-                    ids_, reason = _cut(row, self.eos_ids, self.pad_id)
-                    out_ids.append(ids_)
-                    reasons.append(reason)
-            logprobs = self._logprobs(prompt_ids, out_ids, params) if self.owns_weights else None
+            with eager_layers(model):  # compiled layers (torch_compile) were compiled for training passes
+                for s in range(0, len(prompt_ids), per_call):
+                    ids, att = left_padded(prompt_ids[s:s + per_call], self.pad_id)
+                    # rows repeated here: transformers refuses num_return_sequences > 1 without do_sample
+                    ids, att = ids.repeat_interleave(params.n, 0), att.repeat_interleave(params.n, 0)
+                    rows = None  # rows cut after their first EOS, from a decoding loop of our own
+                    if lean is not None:
+                        rows = decode(*lean, ids.to(device), att.to(device), params.max_tokens, self.eos_ids)
+                    elif static is not None:
+                        rows = self._decode_static(static, ids.to(device), att.to(device), params)
+                    if rows is not None:
+                        out_ids.extend(rows)
+                        reasons.extend("stop" if r and r[-1] in self.eos_ids else "length" for r in rows)
+                        continue
+                    kwargs = dict(max_new_tokens=params.max_tokens,
+                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                                  repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                    if params.temperature > 0:
+                        kwargs["logits_processor"] = LogitsProcessorList([InverseCdfSampler(
+                            params.temperature, params.top_k, params.top_p, params.min_p)])
+                    with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                        seqs = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
+                    for row in seqs[:, ids.shape[1]:].tolist():  # the prompt width
+                        ids_, reason = _cut(row, self.eos_ids, self.pad_id)
+                        out_ids.append(ids_)
+                        reasons.append(reason)
+                logprobs = self._logprobs(prompt_ids, out_ids, params) if self.owns_weights else None
         finally:
             model.train(was_training)
         return Generation(out_ids, logprobs, reasons)
