@@ -324,6 +324,30 @@ case $phase in
   tables "MPS" a
   echo quit | nvidia-cuda-mps-control
   ;;
+28)  # one GPU (issue 6, async): under CUDA MPS, the trainer's kernels confined to a share of the SMs (CAPS, percent;
+    # the engine process keeps every SM), so that generation's decode kernels find SMs free while training runs;
+    # vLLM alone and the uncapped async cell in the same call, without MPS first (NOMPS cells) and under it
+  export CUDA_VISIBLE_DEVICES=0
+  v() { local name=$1 budget=$2 only=$3 extra=$4
+    bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
+    echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split'), json.loads(l).get('gpu_peak_used_gib'), json.loads(l).get('error')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)" | tee -a "$R/summary.txt"; }
+  for cell in ${NOMPS:-}; do case $cell in
+    alone) v alone "${BA:-100}" vllm-alone '{}' ;;
+    async) v async "${BB:-110}" fastgrpo-async '{}' ;;
+    compiled) v compiled "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
+  esac; done
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if ! nvidia-cuda-mps-control -d; then echo "MPS: the daemon does not start here" | tee -a "$R/summary.txt"; exit 0; fi
+  for cell in ${MPS:-alone cap50 cap35}; do case $cell in
+    alone) v mps-alone "${BA:-100}" vllm-alone '{}' ;;
+    async) v mps-async "${BB:-110}" fastgrpo-async '{}' ;;
+    sync) v mps-sync "${BB:-110}" fastgrpo-colocate '{}' ;;
+    cap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#cap} v "mps-$cell" "${BB:-110}" fastgrpo-async '{}' ;;
+    ccap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#ccap} v "mps-$cell" "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
+  esac; done
+  echo quit | nvidia-cuda-mps-control
+  ;;
 25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
   export CUDA_VISIBLE_DEVICES=0
   timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \

@@ -224,6 +224,7 @@ def _run_fastgrpo(spec: dict, clock: StepClock, cuda: bool) -> dict:
     trainer.train()
     return {"split": clock.split(args.async_generation), "dropped_extra": dropped, "completions_per_step": cps,
             "config": {**values, "generator": type(trainer._generator).__name__, "speedups": trainer.speedups,
+                       "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
                        **{k: getattr(args, k) for k in ("gradient_checkpointing", "loss_type", "beta",
                                                         "vllm_kv_cache_memory_bytes")}}}
 

@@ -88,6 +88,7 @@ __all__ = ["VLLMColocateGenerator", "kv_bytes_per_token", "auto_kv_cache_bytes",
 KV_HEADROOM = 1.2
 MIN_KV_BYTES = 64 * 1024**2
 ENGINE_PROCESS_CONTEXT_BYTES = 1024**3  # the engine process's own CUDA context, not yet allocated when we measure
+MPS_SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # read by CUDA when a process creates its context under MPS
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "auto": 2}
 
 
@@ -190,9 +191,12 @@ def _engine_process_launch():
     from vllm import envs
 
     envs.disable_envs_cache()  # an earlier in-process engine cached VLLM_ENABLE_V1_MULTIPROCESSING=0
-    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD")}
+    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD", MPS_SHARE)
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # fork after CUDA initialisation is unusable
+    if saved[MPS_SHARE] is not None:  # under MPS the trainer's SM share is the trainer's: the engine gets every SM
+        os.environ[MPS_SHARE] = "100"
     try:
         with _spawn_without_main(), _sigint_blocked():
             yield
