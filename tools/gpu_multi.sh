@@ -348,6 +348,24 @@ case $phase in
   esac; done
   echo quit | nvidia-cuda-mps-control
   ;;
+29)  # one GPU: under CUDA MPS with the process's SMs capped (CAP percent): the kernel GPU tests, and the training
+    # half's first grad norm per layer variant (which kernel gives NaN with a capped share: phase 28 found NaN losses)
+  export CUDA_VISIBLE_DEVICES=0 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || { echo "MPS: no daemon" | tee -a "$R/summary.txt"; exit 0; }
+  export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${CAP:-50}
+  python -c "import torch; print('SMs seen under the cap:', torch.cuda.get_device_properties(0).multi_processor_count)" \
+    | tee -a "$R/summary.txt"
+  timeout "${TT:-170}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
+    > "$R/gpu-tests.txt" 2>&1; echo "gpu tests under cap: exit $?" | tee -a "$R/summary.txt"
+  grep -E "passed|failed|Error|assert" "$R/gpu-tests.txt" | tail -12 | tee -a "$R/summary.txt"
+  for v in ${VARIANTS:-plain liger}; do
+    FG_VARIANT=$v FG_QUICK=1 timeout "${VT:-100}" python tools/gpu_train_profile.py /tmp/assets/model \
+      /tmp/assets/data/train.jsonl "$R/tp-$v" > "$R/train-$v.txt" 2>&1
+    echo "$v: exit $?" | tee -a "$R/summary.txt"; grep -E "variant|grad norm|budget|Error" "$R/train-$v.txt" | tail -4 | tee -a "$R/summary.txt"
+  done
+  echo quit | nvidia-cuda-mps-control
+  ;;
 25)  # one GPU: the GPU tests of kernels.py (Liger, compiled layers), then phase 20's cells (ONLY, BUDGET)
   export CUDA_VISIBLE_DEVICES=0
   timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
