@@ -344,6 +344,7 @@ case $phase in
     async) v mps-async "${BB:-110}" fastgrpo-async '{}' ;;
     sync) v mps-sync "${BB:-110}" fastgrpo-colocate '{}' ;;
     cap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#cap} v "mps-$cell" "${BB:-110}" fastgrpo-async '{}' ;;
+    pcap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#pcap} v "mps-$cell" "${BB:-110}" fastgrpo-async '{"use_liger_kernel": false}' ;;
     ccap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#ccap} v "mps-$cell" "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
   esac; done
   echo quit | nvidia-cuda-mps-control
