@@ -332,8 +332,9 @@ case $phase in
     bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
     echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split'), json.loads(l).get('gpu_peak_used_gib'), json.loads(l).get('error')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)" | tee -a "$R/summary.txt"; }
   for cell in ${NOMPS:-}; do case $cell in
-    alone) v alone "${BA:-100}" vllm-alone '{}' ;;
+    alone|alone2) v $cell "${BA:-100}" vllm-alone '{}' ;;
     async) v async "${BB:-110}" fastgrpo-async '{}' ;;
+    sync) v sync "${BB:-110}" fastgrpo-colocate '{}' ;;
     compiled) v compiled "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
   esac; done
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
