@@ -724,3 +724,24 @@ def test_engine_process_generation_timing_vs_in_process(model_dir):
     same = sum(x == y for a, b in zip(greedy_after[False], greedy_after[True]) for x, y in zip(a, b))
     total = sum(len(a) for a in greedy_after[False])
     print(f"FIGURE greedy after the same LoRA push, engine-process vs in-process (bf16): {same}/{total} tokens equal")
+
+
+def test_engine_process_env_gives_the_engine_every_sm_and_restores_the_trainers(monkeypatch):
+    """Under CUDA MPS a trainer started with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE keeps its share; the engine process
+    (which inherits os.environ when it is started) gets 100%. Everything set is put back afterwards."""
+    from fastgrpo.rollout.vllm_colocate import MPS_SHARE, _engine_process_env
+
+    probe = "import os; print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'), os.environ.get('%s'))" % MPS_SHARE
+    monkeypatch.setenv(MPS_SHARE, "50")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as an earlier in-process engine leaves it
+    with _engine_process_env():
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+    assert child.split() == ["1", "100"]
+    assert os.environ[MPS_SHARE] == "50" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+    monkeypatch.delenv(MPS_SHARE)  # no share given: none is invented for the engine either
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    with _engine_process_env():
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+    assert child.split() == ["1", "None"]
+    assert MPS_SHARE not in os.environ and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ

@@ -62,6 +62,9 @@ trainer's process group):
 - Trade-off: kernels of two processes time-slice on one GPU (no MPS) where two streams of one process may overlap;
   what the one-step-off-policy mode gains from the separate interpreter is measured by
   tests/test_vllm_colocate.py::test_engine_process_generation_timing_vs_in_process (and the benchmark).
+- Under CUDA MPS, a trainer started with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE keeps that share of the SMs for itself
+  and the engine process gets all of them, so that decoding finds SMs free while training runs. This was measured
+  (benchmarks.md, 12) and is not a recommendation: MPS slowed vLLM itself on the hosts tried.
 """
 
 from __future__ import annotations
@@ -186,26 +189,33 @@ def _sigint_blocked():
 
 
 @contextlib.contextmanager
-def _engine_process_launch():
-    """Environment for building an `LLM` whose EngineCore runs in its own (spawned) process."""
-    from vllm import envs
-
-    envs.disable_envs_cache()  # an earlier in-process engine cached VLLM_ENABLE_V1_MULTIPROCESSING=0
+def _engine_process_env():
+    """os.environ as the spawned engine process must inherit it; restored afterwards. Under CUDA MPS a share of
+    the SMs given to the trainer (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) stays the trainer's: the engine gets them all."""
     keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD", MPS_SHARE)
     saved = {k: os.environ.get(k) for k in keys}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # fork after CUDA initialisation is unusable
-    if saved[MPS_SHARE] is not None:  # under MPS the trainer's SM share is the trainer's: the engine gets every SM
+    if saved[MPS_SHARE] is not None:
         os.environ[MPS_SHARE] = "100"
     try:
-        with _spawn_without_main(), _sigint_blocked():
-            yield
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _engine_process_launch():
+    """Environment for building an `LLM` whose EngineCore runs in its own (spawned) process."""
+    from vllm import envs
+
+    envs.disable_envs_cache()  # an earlier in-process engine cached VLLM_ENABLE_V1_MULTIPROCESSING=0
+    with _engine_process_env(), _spawn_without_main(), _sigint_blocked():
+        yield
 
 
 def engine_process_wanted(config, world_size: int, local_rank: int) -> bool:
