@@ -47,6 +47,37 @@ def test_compile_mode_and_backend_are_checked_with_the_config(tiny_config):
         tiny_config(torch_compile_backend="inductr")
 
 
+def test_liger_kernel_config_is_checked_with_the_config(tiny_config):
+    assert tiny_config().liger_kernel_config is None
+    assert tiny_config(liger_kernel_config={"rope": False}).liger_kernel_config == {"rope": False}
+    assert tiny_config(liger_kernel_config='{"swiglu": false, "rms_norm": true}').liger_kernel_config == \
+        {"swiglu": False, "rms_norm": True}                                    # JSON text, as from a command line
+    assert tiny_config(liger_kernel_config="").liger_kernel_config is None
+    with pytest.raises(ConfigError, match=r"'rms_nrom' is not one of Liger's switches.*Did you mean 'rms_norm'\?"):
+        tiny_config(liger_kernel_config={"rms_nrom": False})
+    with pytest.raises(ConfigError, match=r"liger_kernel_config\['rope'\] must be true or false, got 'no'"):
+        tiny_config(liger_kernel_config={"rope": "no"})
+    with pytest.raises(ConfigError, match="liger_kernel_config=.*is not JSON"):
+        tiny_config(liger_kernel_config="{rope: false}")
+    with pytest.raises(ConfigError, match="liger_kernel_config must be a mapping"):
+        tiny_config(liger_kernel_config='["rope"]')
+    with pytest.raises(ConfigError, match="liger_kernel_config must be"):
+        tiny_config(liger_kernel_config=["rope"])
+
+
+def test_liger_kernel_config_selects_the_kernels_passed_to_ligers_patch():
+    qwen2 = ("model", "rope", "cross_entropy", "fused_linear_cross_entropy", "rms_norm", "swiglu")  # its signature
+    assert kernels.liger_kwargs(None, "silu", qwen2) == dict(rope=True, rms_norm=True, swiglu=True,
+                                                             cross_entropy=False, fused_linear_cross_entropy=False)
+    got = kernels.liger_kwargs({"rope": False, "fused_linear_cross_entropy": True}, "silu", qwen2)
+    assert got == dict(rope=False, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    assert kernels.liger_kwargs({"swiglu": True}, "gelu", qwen2)["swiglu"] is False  # Liger's MLP is SiLU-gated
+    gemma = ("model", "rope", "cross_entropy", "fused_linear_cross_entropy", "rms_norm", "geglu")
+    assert kernels.liger_kwargs(None, "gelu_pytorch_tanh", gemma) == dict(
+        rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False)  # geglu: Liger's default
+    assert kernels.liger_kwargs({"geglu": False}, "gelu_pytorch_tanh", gemma)["geglu"] is False
+
+
 def test_a_module_patch_is_confined_to_the_model_it_was_given():
     """Liger's patch functions swap classes and functions in the modeling module; `confine` puts the classes back
     and keeps a swapped function for CUDA tensors only, so models built later (on CPU too) run as before."""

@@ -31,7 +31,7 @@ def test_every_trl_setting_is_accepted_at_trls_default_and_reads_back():
 
 
 def test_ignored_settings_take_any_value_and_change_nothing_trained():
-    values = {"log_level": "debug", "liger_kernel_config": {"rope": False}, "dataloader_pin_memory": False,
+    values = {"log_level": "debug", "tf32": True, "dataloader_pin_memory": False,
               "ddp_timeout": 60, "logging_strategy": "epoch", "data_seed": 7, "sapo_temperature_pos": 2.0}
     c = cfg(**values)
     mine = lambda d: {k: v for k, v in d.items() if k not in trl_compat.NAMES}  # noqa: E731
@@ -178,12 +178,16 @@ def test_argument_parsers_built_from_the_dataclass_work():
     (parsed,) = HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses([
         "--output_dir", "/tmp/o", "--learning_rate", "2e-5", "--use_vllm", "--num_generations", "4",
         "--no_shuffle_dataset", "--report_to", "none", "--scale_rewards", "batch", "--vllm_kv_cache_memory_bytes",
-        "2000000000", "--fsdp", "full_shard", "--beta", "0.04", "--resume_from_checkpoint", "/tmp/o/checkpoint-2"])
+        "2000000000", "--fsdp", "full_shard", "--beta", "0.04", "--resume_from_checkpoint", "/tmp/o/checkpoint-2",
+        "--model_init_kwargs", '{"torch_dtype": "bfloat16"}', "--liger_kernel_config", '{"rope": false}'])
     assert (parsed.learning_rate, parsed.use_vllm, parsed.num_generations, parsed.shuffle_dataset) == (2e-5, True, 4,
                                                                                                        False)
     assert (parsed.scale_rewards, parsed.vllm_kv_cache_memory_bytes, parsed.beta) == ("batch", 2_000_000_000, 0.04)
     assert parsed.reporters == [] and parsed.fsdp_mode == "full_shard"
     assert parsed.resume_from_checkpoint == "/tmp/o/checkpoint-2"
+    assert parsed.model_init_kwargs == {"torch_dtype": "bfloat16"} and parsed.liger_kernel_config == {"rope": False}
+    with pytest.raises(ConfigError, match=r"model_init_kwargs='\{torch_dtype: 1\}' is not JSON"):
+        cfg(model_init_kwargs="{torch_dtype: 1}")
     with pytest.raises(ConfigError, match="num_generations"):  # validation still names the field
         HfArgumentParser((GRPOConfig,)).parse_args_into_dataclasses(["--output_dir", "/tmp/o", "--num_generations", "1"])
     assert cfg(resume_from_checkpoint=True).resume_from_checkpoint is True  # Python callers may still pass True

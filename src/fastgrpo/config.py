@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     gradient_checkpointing_kwargs: dict | None = _f(None, "Passed to the model's gradient_checkpointing_enable().")
     bf16: bool | None = _f(None, "Train in bfloat16; None means yes on a GPU that supports it and no on CPU.")
     fp16: bool = _f(False, "Not supported (GRPO's ratios are fragile in fp16); use bf16.")
-    model_init_kwargs: dict | None = _f(None, "Keyword arguments for from_pretrained when the model is given by name.")
+    model_init_kwargs: dict | str | None = _f(None, "Keyword arguments for from_pretrained when the model is given by name (JSON text on a command line).")
     trust_remote_code: bool = _f(False, "Allow model code shipped with a checkpoint.")
     disable_dropout: bool = _f(False, "Set every dropout probability to 0 (LoRA dropout stays as configured).")
     torch_empty_cache_steps: int | None = _f(None, "Accepted for TRL compatibility; ignored.")
@@ -185,6 +186,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     max_consecutive_nonfinite: int = _f(3, "Skip updates with NaN/inf loss or gradient; stop (with a checkpoint) after this many in a row.")
     torch_threads: int | None = _f(None, "CPU threads for torch; None keeps torch's default.")
     use_liger_kernel: bool | None = _f(None, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE) in the policy's layers, on CUDA: the training half ~27% faster on the recipe (docs/benchmarks.md 11.1), same math. None: on when liger-kernel imports, unless torch_compile is on or FSDP2 shards the model; True: on (an error if liger-kernel is missing); False: off. Liger's losses are not used: fastgrpo's fused log-softmax computes the loss.")
+    liger_kernel_config: dict | str | None = _f(None, "Which of Liger's layer kernels use_liger_kernel applies, as in transformers: a mapping of 'rope', 'rms_norm', 'swiglu', 'geglu', 'layer_norm', 'relu_squared' to true/false (JSON text on a command line); a kernel not named is on (swiglu only for SiLU MLPs, where it computes the same). 'cross_entropy' and 'fused_linear_cross_entropy' are accepted and change nothing: fastgrpo's fused log-softmax computes the loss.")
     torch_compile: bool = _f(False, "torch.compile each decoder layer of the policy (dynamic shapes): on the recipe the training half ~40% faster than plain, ~20% faster than with Liger, after a one-time compile of about a minute at the first step. Replaces Liger's kernels. Setting torch_compile_backend or torch_compile_mode turns it on, as in transformers.")
     torch_compile_backend: str | None = _f(None, "torch.compile backend; None: 'inductor'.")
     torch_compile_mode: str | None = _f(None, "torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); None: torch's default.")
@@ -431,6 +433,36 @@ def _check_compile(c: GRPOConfig) -> None:
                               f"here; use one of {torch._dynamo.list_backends()} (or None: 'inductor').")
 
 
+LIGER_LAYER_KERNELS = ("rope", "rms_norm", "swiglu", "geglu", "layer_norm", "relu_squared")
+LIGER_LOSSES = ("cross_entropy", "fused_linear_cross_entropy")  # fastgrpo's own fused log-softmax replaces them
+
+
+def _mapping(c: GRPOConfig, name: str, example: str) -> dict | None:
+    """A field that takes a mapping: JSON text (from a command line) is parsed; the field holds a dict or None."""
+    value = getattr(c, name)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}={getattr(c, name)!r} is not JSON ({e}); write it as '{example}'.") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping (JSON object), got {value!r}.")
+    setattr(c, name, None if value is None else dict(value))
+    return getattr(c, name)
+
+
+def _check_liger(c: GRPOConfig) -> None:
+    """liger_kernel_config: every key one of Liger's switches, every value a bool."""
+    known = LIGER_LAYER_KERNELS + LIGER_LOSSES
+    for key, on in (_mapping(c, "liger_kernel_config", '{"rope": true, "swiglu": false}') or {}).items():
+        if key not in known:
+            hint = closest_name(str(key), known)
+            raise ConfigError(f"liger_kernel_config: {key!r} is not one of Liger's switches ({', '.join(known)})."
+                              + (f" Did you mean '{hint}'?" if hint else ""))
+        if not isinstance(on, bool):
+            raise ConfigError(f"liger_kernel_config[{key!r}] must be true or false, got {on!r}.")
+
+
 def _validate(c: GRPOConfig) -> None:
     for why in trl_compat.refusals(c):
         raise ConfigError(why)
@@ -472,6 +504,8 @@ def _validate(c: GRPOConfig) -> None:
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
     _check_compile(c)
+    _check_liger(c)
+    _mapping(c, "model_init_kwargs", '{"torch_dtype": "bfloat16"}')
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")

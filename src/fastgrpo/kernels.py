@@ -7,7 +7,7 @@ optimizer step plain, 0.56 s with Liger's kernels, 0.46 s with compiled layers a
 The two do not combine (Liger's kernels do not trace under torch.compile here).
 
     liger_wanted(config, device, sharded) -> bool   the use_liger_kernel setting resolved for this run
-    apply_liger(model) -> bool                      the model's norms, MLPs and rotary embedding on Liger's kernels
+    apply_liger(model, choice) -> bool              the model's norms, MLPs and rotary embedding on Liger's kernels
     compile_layers(model, backend, mode) -> int     torch.compile on each decoder layer; returns how many
     eager_layers(model)                             a context in which compiled layers run eagerly (generation)
 """
@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .config import ConfigError
+from .config import LIGER_LAYER_KERNELS, LIGER_LOSSES, ConfigError
 from .modeling import base_model as _base
 
 
@@ -60,10 +60,24 @@ def liger_wanted(config, device: torch.device, sharded: bool) -> bool:
     return bool(setting) or not sharded
 
 
-def apply_liger(model: torch.nn.Module) -> bool:
+def liger_kwargs(choice: dict | None, hidden_act: str, accepted) -> dict:
+    """Keyword arguments for Liger's patch function (parameter names `accepted`): RoPE, RMSNorm and SwiGLU on, the
+    other layer kernels at Liger's defaults, each unless `choice` (liger_kernel_config) says otherwise; its losses
+    always off; SwiGLU only for SiLU MLPs, the only ones for which Liger's MLP (silu(gate) * up) computes what the
+    model's does."""
+    wanted = dict(rope=True, rms_norm=True, swiglu=True)
+    wanted.update({k: bool(v) for k, v in (choice or {}).items() if k not in LIGER_LOSSES})
+    wanted.update(dict.fromkeys(LIGER_LOSSES, False))
+    if hidden_act not in ("silu", "swish"):
+        wanted["swiglu"] = False
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def apply_liger(model: torch.nn.Module, choice: dict | None = None) -> bool:
     """Route this model instance's RMSNorms, SwiGLU MLPs and rotary embedding through Liger's kernels (Liger's own
-    patch function for the model type, without its losses: fastgrpo keeps its fused log-softmax). False when Liger
-    has nothing for the model type or its kernels fail a small check on this GPU.
+    patch function for the model type, without its losses: fastgrpo keeps its fused log-softmax), or those of them
+    that `choice` (liger_kernel_config) leaves on. False when Liger has nothing for the model type, `choice` turns
+    off all it has, or its kernels fail a small check on this GPU.
 
     Liger's patch functions also swap classes and functions in the transformers modeling module, which would reach
     every model built later in the process, CPU ones included. The classes are put back (this instance's modules
@@ -74,17 +88,18 @@ def apply_liger(model: torch.nn.Module) -> bool:
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if table is None or model_type not in table:
         return False
+    patch = table[model_type]
+    accepted = inspect.signature(patch).parameters  # the functions differ by model type (geglu, layer_norm...)
+    kwargs = liger_kwargs(choice, getattr(base.config, "hidden_act", "silu"), accepted)
+    if all(kwargs.get(k) is False for k in accepted if k in LIGER_LAYER_KERNELS):  # all turned off
+        return False
     if not _kernels_agree(next(base.parameters()).device):
         return False
     logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)  # optional backends it lacks
     module = sys.modules[type(base).__module__]
     before = dict(vars(module))
-    swiglu = getattr(base.config, "hidden_act", "silu") in ("silu", "swish")  # Liger's MLP computes silu(g) * u
-    patch = table[model_type]
-    wanted = dict(rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False, fused_linear_cross_entropy=False)
-    accepted = inspect.signature(patch).parameters  # the functions differ by model type (geglu, layer_norm...)
     try:
-        patch(model=base, **{k: v for k, v in wanted.items() if k in accepted})
+        patch(model=base, **kwargs)
     except Exception as e:  # noqa: BLE001 - a module patched before the failure computes what it did before
         warnings.warn(f"fastgrpo: Liger's patch for model type {model_type!r} failed ({type(e).__name__}: {e}); "
                       "training without it.")

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import kernels
-from .config import ConfigError, GRPOConfig
+from .config import LIGER_LOSSES, ConfigError, GRPOConfig
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loop import Run, TrainingStopped, train_loop
@@ -285,12 +285,17 @@ class GRPOTrainer(ScriptAPI):
         """Liger's kernels (policy and reference model) or compiled decoder layers (policy): see kernels.py."""
         args, done = self.args, []
         if kernels.liger_wanted(args, self.device, self.fsdp):
-            if all(kernels.apply_liger(m) for m in (self.model, self.ref_model) if m is not None):
+            choice = args.liger_kernel_config
+            if any((choice or {}).get(k) for k in LIGER_LOSSES):
+                warnings.warn("liger_kernel_config: Liger's losses (cross_entropy, fused_linear_cross_entropy) are "
+                              "not used; fastgrpo's fused log-softmax already computes the loss without [B, T, V] "
+                              "logits. Only the layer kernels are applied.")
+            if all(kernels.apply_liger(m, choice) for m in (self.model, self.ref_model) if m is not None):
                 done.append("liger")
             elif args.use_liger_kernel:
                 warnings.warn(f"use_liger_kernel=True: Liger has no kernels for model type "
-                              f"{getattr(self.model.config, 'model_type', '?')!r} (or they failed their check on "
-                              "this GPU); training without them.")
+                              f"{getattr(self.model.config, 'model_type', '?')!r} that liger_kernel_config leaves "
+                              "on (or they failed their check on this GPU); training without them.")
         if args.compiles:
             n = kernels.compile_layers(self.model, args.torch_compile_backend, args.torch_compile_mode)
             done.append(f"torch_compile ({n} layers)" if n else "torch_compile (whole model)")

@@ -3,7 +3,7 @@ line changed only. They are keyword-only fields of a base class of GRPOConfig (T
 argument parsers built from the dataclass (HfArgumentParser, TrlParser) all take them.
 
 - IGNORED: the Hugging Face Trainer's machinery (dataloaders, DDP/DeepSpeed/Accelerate hooks, log levels, the Hub's
-  push strategy, evaluation bookkeeping, Liger's options) and settings of losses or modes fastgrpo does
+  push strategy, evaluation bookkeeping) and settings of losses or modes fastgrpo does
   not offer, which TRL itself ignores unless that loss or mode is chosen. fastgrpo's loop has no counterpart: any
   value is accepted and has no effect.
 - AT_DEFAULT: settings that would change what is trained (an entropy bonus, reference-model syncing, NEFTune, ...):
@@ -21,7 +21,7 @@ from typing import Any
 #: name -> TRL 1.16's default, for the settings accepted whatever their value.
 IGNORED: dict[str, Any] = {
     "average_tokens_across_devices": True, "label_smoothing_factor": 0.0, "bf16_full_eval": False,
-    "fp16_full_eval": False, "tf32": None, "liger_kernel_config": None, "use_cache": False,
+    "fp16_full_eval": False, "tf32": None, "use_cache": False,
     "auto_find_batch_size": False, "logging_strategy": "steps", "log_on_each_node": True,
     "logging_nan_inf_filter": True, "include_num_input_tokens_seen": "no", "log_level": "passive",
     "log_level_replica": "warning", "trackio_bucket_id": None, "trackio_static_space_id": None, "eval_delay": 0,
@@ -83,7 +83,7 @@ def default(name: str) -> Any:
 
 #: TRL's settings whose default is None but whose values are mappings (given as JSON text on a command line).
 _MAPPINGS = ("lr_scheduler_kwargs", "activation_checkpointing_kwargs", "accelerator_config", "fsdp_config",
-             "liger_kernel_config", "transformers_continuous_batching_config", "parallelism_config")
+             "transformers_continuous_batching_config", "parallelism_config")
 
 
 def _annotation(name: str, value: Any):
