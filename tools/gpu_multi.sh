@@ -42,6 +42,8 @@ trap 'exit 124' TERM  # timeout's SIGTERM: exit through the EXIT trap, so that t
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
   python -c "import vllm, torch, transformers, peft, trl; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
 } > "$R/gpu.txt" 2>&1
+if [ ! -d /tmp/site/vllm ]; then  # a fresh machine: the bundle's three-call upload has not run on it
+  echo "no bundle in /tmp/site (upload .gpu-bundle/p0..p2 first)" | tee -a "$R/summary.txt"; exit 2; fi
 python tools/gpu_prepare.py /tmp/assets 2>&1 | tail -1
 python tools/make_trl_recipe.py /tmp/trl_recipe.py
 bench() { python -m fastgrpo.bench --model /tmp/assets/model --data /tmp/assets/data/train.jsonl --num-generations 8 \

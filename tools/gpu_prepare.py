@@ -5,6 +5,7 @@ Qwen2-identical tokenizer, and NuminaMath-TIR-schema data as DATASET_ID folder (
 """
 
 import os
+import shutil
 import sys
 import time
 
@@ -12,8 +13,11 @@ from fastgrpo.testing import build_random_qwen2_0_5b, make_numina_like_dataset
 
 root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/assets"
 t = time.time()
-if not os.path.isfile(os.path.join(root, "model", "config.json")):
-    build_random_qwen2_0_5b(os.path.join(root, "model"))
+model = os.path.join(root, "model")
+if not os.path.isdir(model):  # built aside and renamed: a failed build (no tokenizer package) leaves no model
+    shutil.rmtree(f"{model}.tmp", ignore_errors=True)
+    build_random_qwen2_0_5b(f"{model}.tmp")
+    os.replace(f"{model}.tmp", model)
 os.makedirs(os.path.join(root, "data"), exist_ok=True)
 for name, n, seed in (("train", 4000, 0), ("test", 400, 1)):
     path = os.path.join(root, "data", f"{name}.jsonl")
