@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 
@@ -36,8 +37,13 @@ def test_parse_grid_async_vllm_alone_and_errors():
                                   "--max-completion-length", "512"))
     assert [bench.cell_key(c) for c in only] == ["trl-colocate-G8-L512", "vllm-alone-G8-L512", "fastgrpo-async-G8-L512",
                                                  "trl-colocate-G16-L512", "vllm-alone-G16-L512", "fastgrpo-async-G16-L512"]
+    bracket = bench.parse_grid(_args("--only", "vllm-alone,fastgrpo-async,vllm-alone", "--num-generations", "8",
+                                     "--max-completion-length", "512"))
+    assert [bench.cell_key(c) for c in bracket] == ["vllm-alone-G8-L512", "fastgrpo-async-G8-L512", "vllm-alone-G8-L512"]
+    assert bracket[0] is not bracket[2]
     for bad in (["--only", "trl-async"], ["--only", "fastgrpo"], ["--frameworks", "verl"], ["--modes", "sync"], ["--num-generations", "3"], ["--steps", "0"],
-                ["--per-device-batch", "6"]):
+                ["--per-device-batch", "6"], ["--only", "fastgrpo-async,fastgrpo-async"],
+                ["--only", "vllm-alone,vllm-alone,fastgrpo-async,vllm-alone"]):
         with pytest.raises(ValueError):
             bench.parse_grid(_args(*bad))
 
@@ -91,6 +97,46 @@ def test_step_stats_leaves_out_the_first_step():
     assert s["s_per_step"] == 3.0 and s["steps_timed"] == 3 and s["it_per_s"] == pytest.approx(1 / 3)
     assert s["gen_tok_per_s"] == pytest.approx(300 / 9) and s["completions_per_s"] == pytest.approx(24 / 9)
     assert bench.step_stats([5.0], [10.0], 8)["s_per_step"] == 5.0 and bench.step_stats([], [], 8) == {}
+
+
+def test_two_runs_of_vllm_alone_are_pooled_and_both_shown():
+    """vLLM alone before and after a cell (host drift): s/step is the median over both runs' timed calls."""
+    before = {"key": "vllm-alone-G8-L512", "framework": "vllm", "mode": "alone", "G": 8, "L": 512, "steps": 3,
+              "completions_per_step": 128, "error": None,
+              **bench.step_stats([2.6, 1.8, 2.1, 1.9], [65536.0] * 4, 128)}
+    after = {**before, **bench.step_stats([2.3, 2.7, 2.6, 2.2], [65536.0] * 4, 128), "cell_wall_s": 40.0}
+    p = bench.pooled(before, after)
+    assert p["s_per_step"] == pytest.approx(statistics.median([1.8, 2.1, 1.9, 2.7, 2.6, 2.2]))  # 2.15
+    assert p["steps_timed"] == 6 and p["it_per_s"] == pytest.approx(1 / 2.15)
+    assert p["gen_tok_per_s"] == pytest.approx(6 * 65536 / (1.8 + 2.1 + 1.9 + 2.7 + 2.6 + 2.2))
+    assert p["completions_per_s"] == pytest.approx(6 * 128 / 13.3)
+    assert [r["s_per_step"] for r in p["runs"]] == [1.9, 2.6] and p["cell_wall_s"] == 40.0
+    failed = {**after, "s_per_step": None, "step_walls": [], "error": "timeout after 90 s"}
+    assert bench.pooled(before, failed) is before and bench.pooled(failed, after) is after  # a failed run adds nothing
+    row = next(ln for ln in bench_report.summarize([p]).splitlines() if ln.startswith("| vllm"))
+    assert "2.15" in row and "runs before/after the cells: 1.90, 2.60 s" in row
+
+
+def test_a_command_pools_its_own_two_runs_of_vllm_alone_only(tmp_path, monkeypatch):
+    """main(): the second vllm-alone run of one command is pooled with the first; a result left in --out by an
+    earlier command is replaced, not pooled (another moment of the host)."""
+    walls = iter([[2.6, 1.8, 2.1, 1.9], [9.0, 3.0, 3.0, 3.0], [2.3, 2.7, 2.6, 2.2], [5.0, 1.0, 1.0, 1.0]])
+
+    def cell(spec, timeout):  # the GPU cell stands in for vLLM; main()'s bookkeeping is what is tested
+        return {**{k: spec[k] for k in bench.CELL_KEYS}, "key": bench.cell_key(spec), "error": None,
+                "completions_per_step": 128, "cell_wall_s": 1.0, **bench.step_stats(next(walls), [65536.0] * 4, 128)}
+
+    monkeypatch.setattr(bench, "run_cell", cell)
+    common = ["--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--num-generations", "8",
+              "--max-completion-length", "512", "--out", str(tmp_path / "out")]
+    bench.main(["--only", "vllm-alone,fastgrpo-async,vllm-alone", *common])
+    rows = {r["key"]: r for r in bench_report._load([tmp_path / "out" / "results.jsonl"])}
+    assert rows["vllm-alone-G8-L512"]["s_per_step"] == pytest.approx(2.15)
+    assert [r["s_per_step"] for r in rows["vllm-alone-G8-L512"]["runs"]] == [1.9, 2.6]
+    assert rows["fastgrpo-async-G8-L512"]["s_per_step"] == 3.0
+    bench.main(["--only", "vllm-alone", *common])
+    rows = {r["key"]: r for r in bench_report._load([tmp_path / "out" / "results.jsonl"])}
+    assert rows["vllm-alone-G8-L512"]["s_per_step"] == 1.0 and "runs" not in rows["vllm-alone-G8-L512"]
 
 
 def _r(framework, mode, s, **kw):

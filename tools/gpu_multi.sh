@@ -294,7 +294,8 @@ case $phase in
   grep -h '"variant"' "$R"/gen-*.txt | tee "$R/gen.txt"
   ;;
 20)  # one GPU (issue 6): the recipe cells in one call: vLLM alone first (the ratio needs it), fastgrpo colocate (sync,
-    # async), TRL colocate; ONLY= picks a subset (a call's 600 s hold about three of the four)
+    # async), TRL colocate; ONLY= picks a subset (a call's 600 s hold about three of the four). To bracket a cell with
+    # vLLM alone on a drifting host: ONLY=vllm-alone,fastgrpo-async,vllm-alone (the table pools the two runs)
   export CUDA_VISIBLE_DEVICES=0
   bench --only "${ONLY:-vllm-alone,fastgrpo-colocate,fastgrpo-async,trl-colocate}" --budget "${BUDGET:-540}" \
     --out "$R/bench-a" > "$R/lane-a.txt" 2>&1

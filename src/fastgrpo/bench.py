@@ -25,7 +25,8 @@ logprobs, fastgrpo's weight sync); ‖ = async generation, overlapped with train
 `nvidia-smi memory.used` sampled by the parent during the cell minus the value before it (counts vLLM and child
 processes), next to the worker's torch.cuda.max_memory_reserved. vLLM alone (--vllm-alone): vllm.LLM in its own
 process generates one step's tokens (128/G prompts x G x L, ignore_eos, same gpu_memory_utilization); median of
-3 generate() calls after a warm-up call.
+3 generate() calls after a warm-up call; named twice in --only (`--only vllm-alone,fastgrpo-async,vllm-alone`), it
+runs before and after the other cells and the table gives the median over both runs' calls, with each run's own.
 
 Command lines (`fastgrpo bench ...` is the same as `python -m fastgrpo.bench ...`):
   # issue-6 headline, one H100, three commands of < 10 min each filling one table (same --out):
@@ -84,16 +85,23 @@ def cell_key(c: dict) -> str:
 
 def parse_grid(args) -> list[dict]:
     """The cells, in run order: for each (G, L), each framework x mode (TRL has no async), then vLLM alone;
-    with --only, the named framework-mode cells of each (G, L), in the order named."""
+    with --only, the named framework-mode cells of each (G, L), in the order named. `vllm-alone` may be named twice
+    (before and after the cells it is the reference of): main() pools the two runs, so that a host whose speed drifts
+    between cells shows in the reference's spread instead of in one ratio."""
     if getattr(args, "only", None):
         names = _csv(args.only)
         known = {f"{f}-{m}" for f in FRAMEWORKS for m in MODES} - {"trl-async"} | {"vllm-alone"}
-        if not names or set(names) - known:
-            raise ValueError(f"--only {args.only!r}: name framework-mode cells from {', '.join(sorted(known))}")
+        repeated = {n for n in names if names.count(n) > 1} - {"vllm-alone"}
+        if not names or set(names) - known or repeated or names.count("vllm-alone") > 2:
+            raise ValueError(f"--only {args.only!r}: name framework-mode cells from {', '.join(sorted(known))}, each "
+                             "once (vllm-alone at most twice, to bracket the others)")
         full = argparse.Namespace(**{**vars(args), "only": None, "frameworks": ",".join(FRAMEWORKS),
                                      "modes": ",".join(MODES), "vllm_alone": True})
-        return sorted((c for c in parse_grid(full) if f"{c['framework']}-{c['mode']}" in names),
-                      key=lambda c: (c["G"], c["L"], names.index(f"{c['framework']}-{c['mode']}")))
+        by_name: dict[tuple, dict] = {}
+        for c in parse_grid(full):
+            by_name[(c["G"], c["L"], f"{c['framework']}-{c['mode']}")] = c
+        sizes = sorted({(g, length) for g, length, _ in by_name})
+        return [dict(by_name[(g, length, n)]) for g, length in sizes for n in names]
     frameworks, modes = _csv(args.frameworks), _csv(args.modes)
     for name, got, allowed in (("--frameworks", frameworks, FRAMEWORKS), ("--modes", modes, MODES)):
         if not got or set(got) - set(allowed):
@@ -133,6 +141,26 @@ def recipe_config(spec: dict, framework: str, cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the worker
+def pooled(first: dict, second: dict) -> dict:
+    """Two runs of one cell in one command (vLLM alone before and after the cells it is the reference of): the
+    second's record, with s/step and throughput over both runs' timed steps and each run's own median in `runs`."""
+    runs = [r for r in (first, second) if r.get("s_per_step")]
+    if len(runs) < 2:
+        return second if second.get("s_per_step") or not first.get("s_per_step") else first
+    timed = [w for r in runs for w in (r["step_walls"][1:] if len(r["step_walls"]) > 1 else r["step_walls"])]
+    total = sum(timed)
+    # each run's tokens: its rate times its timed seconds (mean x count)
+    tokens = sum(r["gen_tok_per_s"] * r["mean_s_per_step"] * r["steps_timed"] for r in runs) \
+        if all(r.get("mean_s_per_step") and r.get("gen_tok_per_s") is not None for r in runs) else None
+    med = statistics.median(timed)
+    out = {**second, "s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
+           "steps_timed": len(timed), "completions_per_s": second["completions_per_step"] * len(timed) / total,
+           "runs": [{"s_per_step": r["s_per_step"], "step_walls": r["step_walls"]} for r in runs]}
+    if tokens is not None:
+        out["gen_tok_per_s"] = tokens / total
+    return out
+
+
 def step_stats(walls: list[float], tokens: list[float], completions_per_step: int) -> dict:
     """Statistics over steps 2..N (the only step if just one ran) from per-step wall times and generated tokens."""
     if not walls:
@@ -477,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     model, data = ensure_inputs(args)
     results = {r["key"]: r for r in _load([out / "results.jsonl"])}
+    ran: set[str] = set()  # cells run by this command: a second run of one is pooled with the first
     for n, cell in enumerate(cells, 1):
         key, left = cell_key(cell), None if args.budget is None else args.budget - (time.perf_counter() - t_start)
         if left is not None and left < 30:
@@ -486,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = dict(cell, model=model, data=data, out_dir=str((out / "cells" / key).resolve()),
                     server_gpus=args.server_gpus, trainer_gpus=args.trainer_gpus,
                     server_gpu_memory_utilization=args.server_gpu_memory_utilization)
-        r = results[key] = run_cell(spec, args.timeout_per_cell if left is None else min(args.timeout_per_cell, left))
+        r = run_cell(spec, args.timeout_per_cell if left is None else min(args.timeout_per_cell, left))
+        r = results[key] = pooled(results[key], r) if key in ran else r
+        ran.add(key)
         print(f"[bench] {key}: {_f(r.get('s_per_step'))} s/step ({r['cell_wall_s']:.0f} s)"
               + (f" ERROR {r['error']}" if r.get("error") else ""), flush=True)
         write_outputs(out, list(results.values()))
