@@ -726,22 +726,20 @@ def test_engine_process_generation_timing_vs_in_process(model_dir):
     print(f"FIGURE greedy after the same LoRA push, engine-process vs in-process (bf16): {same}/{total} tokens equal")
 
 
-def test_engine_process_env_gives_the_engine_every_sm_and_restores_the_trainers(monkeypatch):
-    """Under CUDA MPS a trainer started with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE keeps its share; the engine process
-    (which inherits os.environ when it is started) gets 100%. Everything set is put back afterwards."""
-    from fastgrpo.rollout.vllm_colocate import MPS_SHARE, _engine_process_env
+def test_engine_process_env_sets_vllms_layout_passes_the_rest_on_and_restores_it(monkeypatch):
+    """The engine process (started inside, it inherits os.environ) gets vLLM's multiprocessing layout; the rest of
+    the environment passes on unchanged (an MPS share set for the job binds the engine too); afterwards the
+    trainer's values are back."""
+    from fastgrpo.rollout.vllm_colocate import _engine_process_env
 
-    probe = "import os; print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'), os.environ.get('%s'))" % MPS_SHARE
-    monkeypatch.setenv(MPS_SHARE, "50")
+    share = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+    probe = ("import os; print(os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING'), "
+             "os.environ.get('VLLM_WORKER_MULTIPROC_METHOD'), os.environ.get('%s'))" % share)
+    monkeypatch.setenv(share, "50")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as an earlier in-process engine leaves it
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     with _engine_process_env():
         child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
-    assert child.split() == ["1", "100"]
-    assert os.environ[MPS_SHARE] == "50" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-
-    monkeypatch.delenv(MPS_SHARE)  # no share given: none is invented for the engine either
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
-    with _engine_process_env():
-        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
-    assert child.split() == ["1", "None"]
-    assert MPS_SHARE not in os.environ and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert child.split() == ["1", "spawn", "50"]
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ[share] == "50"
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ

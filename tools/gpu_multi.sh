@@ -327,8 +327,8 @@ case $phase in
   tables "MPS" a
   echo quit | nvidia-cuda-mps-control
   ;;
-28)  # one GPU (issue 6, async): under CUDA MPS, the trainer's kernels confined to a share of the SMs (CAPS, percent;
-    # the engine process keeps every SM), so that generation's decode kernels find SMs free while training runs;
+28)  # one GPU (issue 6, async): under CUDA MPS, the trainer's kernels confined to a share of the SMs (capN cells; the
+    # engine process got every SM at 8159530-071e250, and inherits the share since), so that decoding finds SMs free;
     # vLLM alone and the uncapped async cell in the same call, without MPS first (NOMPS cells) and under it
   export CUDA_VISIBLE_DEVICES=0
   v() { local name=$1 budget=$2 only=$3 extra=$4

@@ -62,9 +62,10 @@ trainer's process group):
 - Trade-off: kernels of two processes time-slice on one GPU (no MPS) where two streams of one process may overlap;
   what the one-step-off-policy mode gains from the separate interpreter is measured by
   tests/test_vllm_colocate.py::test_engine_process_generation_timing_vs_in_process (and the benchmark).
-- Under CUDA MPS, a trainer started with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE keeps that share of the SMs for itself
-  and the engine process gets all of them, so that decoding finds SMs free while training runs. This was measured
-  (benchmarks.md, 12) and is not a recommendation: MPS slowed vLLM itself on the hosts tried.
+- CUDA MPS (the engine's and the trainer's kernels share SMs instead of time slices) was measured in
+  benchmarks.md 11.4 and 12.1, including a trainer confined to half the SMs with the engine given all of them. It did
+  not pay against vLLM without MPS, and one machine gave NaN losses, so fastgrpo does nothing MPS-specific: the
+  engine process inherits the trainer's environment (a share set for the job binds the engine too).
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ __all__ = ["VLLMColocateGenerator", "kv_bytes_per_token", "auto_kv_cache_bytes",
 KV_HEADROOM = 1.2
 MIN_KV_BYTES = 64 * 1024**2
 ENGINE_PROCESS_CONTEXT_BYTES = 1024**3  # the engine process's own CUDA context, not yet allocated when we measure
-MPS_SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # read by CUDA when a process creates its context under MPS
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "auto": 2}
 
 
@@ -190,14 +190,13 @@ def _sigint_blocked():
 
 @contextlib.contextmanager
 def _engine_process_env():
-    """os.environ as the spawned engine process must inherit it; restored afterwards. Under CUDA MPS a share of
-    the SMs given to the trainer (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) stays the trainer's: the engine gets them all."""
-    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD", MPS_SHARE)
+    """os.environ as the spawned engine process must inherit it; restored afterwards. Everything else passes on
+    unchanged, CUDA MPS's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE included: a share of the GPU set for the job (to share
+    the GPU with others) binds the engine too."""
+    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # fork after CUDA initialisation is unusable
-    if saved[MPS_SHARE] is not None:
-        os.environ[MPS_SHARE] = "100"
     try:
         yield
     finally:
