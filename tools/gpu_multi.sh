@@ -328,7 +328,7 @@ case $phase in
   echo quit | nvidia-cuda-mps-control
   ;;
 28)  # one GPU (issue 6, async): under CUDA MPS, the trainer's kernels confined to a share of the SMs (capN cells; the
-    # engine process got every SM at 8159530-071e250, and inherits the share since), so that decoding finds SMs free;
+    # engine process got every SM at 8159530-071e250, and inherits the share since 5f89c35), so decoding finds SMs free;
     # vLLM alone and the uncapped async cell in the same call, without MPS first (NOMPS cells) and under it
   export CUDA_VISIBLE_DEVICES=0
   v() { local name=$1 budget=$2 only=$3 extra=$4
