@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -293,6 +295,29 @@ def test_train_pass_packing_equals_micro_batches(case, lora, tiny_model_factory,
                 torch.testing.assert_close(sums[key].double(), ref_sums[key].double(), rtol=1e-5, atol=1e-6, msg=key)
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_budget_passes_cover_every_row_within_budget_and_leave_no_lone_tail():
+    """plan_passes with a token budget, over random lengths: every row once, no pass over the budget (width of its
+    widest row x rows) unless it is one row wider than the budget, rows grouped by width, and the last pass not a
+    single row where two of its width fit and the pass before it can spare one (compiled layers would compile a
+    second graph for a single row)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        lengths = [rng.randint(1, 60) for _ in range(n)]
+        budget = rng.randint(20, 400)
+        passes = B.plan_passes(list(range(n)), 4, budget, lengths)
+        assert sorted(i for p in passes for i in p) == list(range(n))
+        for p in passes:
+            assert len(p) == 1 or max(lengths[i] for i in p) * len(p) <= budget, (lengths, budget, passes)
+        widest = [max(lengths[i] for i in p) for p in passes]
+        assert widest == sorted(widest)
+        if len(passes) > 1 and len(passes[-1]) == 1:
+            # only where a partner would leave the pass before it a lone row, or two rows do not fit
+            assert 2 * widest[-1] > budget or len(passes[-2]) <= 2, (lengths, budget, passes)
+    # the tail that motivated it: 9 rows of width 10, room for 4 a pass -> 4, 4, 1 before, 4, 3, 2 now
+    assert [len(p) for p in B.plan_passes(list(range(9)), 4, 40, [10] * 9)] == [4, 3, 2]
 
 
 def run_step(model, r, config, passes, pad_id, autocast):

@@ -200,7 +200,23 @@ def plan_passes(order: list[int], micro_batch: int, token_budget: int | None, le
         widest = w
     if cur:
         passes.append(cur)
-    return passes
+    return _even_tail(passes, token_budget, lengths)
+
+
+def _even_tail(passes: list[list[int]], token_budget: int, lengths: list[int]) -> list[list[int]]:
+    """A last pass holding the few rows left over gets rows from the pass before it, up to half of the two, as
+    far as the budget allows at its width (the last pass holds the widest rows: moving narrower ones in does not
+    widen it). Fewer nearly empty passes, and a single-row pass, which makes compiled layers compile a second
+    graph (torch specialises a size of 1), is avoided where two rows fit."""
+    if len(passes) < 2:
+        return passes
+    prev, last = passes[-2], passes[-1]
+    width = max(lengths[i] for i in last)
+    want = min((len(prev) + len(last)) // 2, token_budget // max(width, 1))
+    if want <= len(last):
+        return passes
+    k = want - len(last)
+    return passes[:-2] + [prev[:-k], prev[-k:] + last]
 
 
 def split_passes(passes: list[list[int]], count: int) -> list[list[int]]:
