@@ -179,13 +179,17 @@ def test_argument_parsers_built_from_the_dataclass_work():
         "--output_dir", "/tmp/o", "--learning_rate", "2e-5", "--use_vllm", "--num_generations", "4",
         "--no_shuffle_dataset", "--report_to", "none", "--scale_rewards", "batch", "--vllm_kv_cache_memory_bytes",
         "2000000000", "--fsdp", "full_shard", "--beta", "0.04", "--resume_from_checkpoint", "/tmp/o/checkpoint-2",
-        "--model_init_kwargs", '{"torch_dtype": "bfloat16"}', "--liger_kernel_config", '{"rope": false}'])
+        "--model_init_kwargs", '{"torch_dtype": "bfloat16"}', "--liger_kernel_config", '{"rope": false}',
+        "--generation_kwargs", '{"min_tokens": 4}', "--chat_template_kwargs", '{"enable_thinking": false}',
+        "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'])
     assert (parsed.learning_rate, parsed.use_vllm, parsed.num_generations, parsed.shuffle_dataset) == (2e-5, True, 4,
                                                                                                        False)
     assert (parsed.scale_rewards, parsed.vllm_kv_cache_memory_bytes, parsed.beta) == ("batch", 2_000_000_000, 0.04)
     assert parsed.reporters == [] and parsed.fsdp_mode == "full_shard"
     assert parsed.resume_from_checkpoint == "/tmp/o/checkpoint-2"
     assert parsed.model_init_kwargs == {"torch_dtype": "bfloat16"} and parsed.liger_kernel_config == {"rope": False}
+    assert (parsed.generation_kwargs, parsed.chat_template_kwargs, parsed.gradient_checkpointing_kwargs) == (
+        {"min_tokens": 4}, {"enable_thinking": False}, {"use_reentrant": True})
     with pytest.raises(ConfigError, match=r"model_init_kwargs='\{torch_dtype: 1\}' is not JSON"):
         cfg(model_init_kwargs="{torch_dtype: 1}")
     with pytest.raises(ConfigError, match="num_generations"):  # validation still names the field

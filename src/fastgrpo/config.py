@@ -80,7 +80,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     per_device_eval_batch_size: int = _f(8, "Completions per generation call during evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
-    gradient_checkpointing_kwargs: dict | None = _f(None, "Passed to the model's gradient_checkpointing_enable().")
+    gradient_checkpointing_kwargs: dict | str | None = _f(None, "Passed to the model's gradient_checkpointing_enable().")
     bf16: bool | None = _f(None, "Train in bfloat16; None means yes on a GPU that supports it and no on CPU.")
     fp16: bool = _f(False, "Not supported (GRPO's ratios are fragile in fp16); use bf16.")
     model_init_kwargs: dict | str | None = _f(None, "Keyword arguments for from_pretrained when the model is given by name (JSON text on a command line).")
@@ -93,7 +93,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     max_prompt_length: int | None = _f(512, "Prompts longer than this many tokens are cut from the left; None keeps all.")
     shuffle_dataset: bool = _f(True, "Shuffle the prompts each epoch (deterministically from the seed).")
     remove_unused_columns: bool = _f(False, "Accepted for TRL compatibility: every column always reaches the rewards.")
-    chat_template_kwargs: dict | None = _f(None, "Extra arguments for apply_chat_template (e.g. enable_thinking).")
+    chat_template_kwargs: dict | str | None = _f(None, "Extra arguments for apply_chat_template (e.g. enable_thinking).")
     dataloader_num_workers: int = _f(0, "Accepted for TRL compatibility; ignored (prompts are tokenized once).")
 
     # --- generation ---
@@ -107,7 +107,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     top_k: int | None = _f(0, "Sample among the k most likely tokens; 0 or None disables.")
     min_p: float | None = _f(None, "Minimum token probability relative to the most likely one.")
     repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.")
-    generation_kwargs: dict | None = _f(None, "Extra sampling arguments for the generation backend.")
+    generation_kwargs: dict | str | None = _f(None, "Extra sampling arguments for the generation backend.")
 
     # --- algorithm ---
     beta: float = _f(0.0, "Weight of the k3 KL penalty to the reference policy; 0 loads no reference.")
@@ -437,13 +437,22 @@ LIGER_LAYER_KERNELS = ("rope", "rms_norm", "swiglu", "geglu", "layer_norm", "rel
 LIGER_LOSSES = ("cross_entropy", "fused_linear_cross_entropy")  # fastgrpo's own fused log-softmax replaces them
 
 
-def _mapping(c: GRPOConfig, name: str, example: str) -> dict | None:
-    """A field that takes a mapping: JSON text (from a command line) is parsed; the field holds a dict or None."""
+#: An example value per mapping field, for the error on text that is not JSON.
+_MAPPING_EXAMPLES = {"model_init_kwargs": '{"torch_dtype": "bfloat16"}',
+                     "gradient_checkpointing_kwargs": '{"use_reentrant": false}',
+                     "chat_template_kwargs": '{"enable_thinking": false}', "generation_kwargs": '{"min_tokens": 4}',
+                     "liger_kernel_config": '{"rope": true, "swiglu": false}'}
+
+
+def _mapping(c: GRPOConfig, name: str) -> dict | None:
+    """A field that takes a mapping (annotated `dict | str | None`, so that argument parsers give it an option):
+    JSON text (from a command line) is parsed; the field holds a dict or None."""
     value = getattr(c, name)
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as e:
+            example = _MAPPING_EXAMPLES.get(name, '{"name": "value"}')
             raise ConfigError(f"{name}={getattr(c, name)!r} is not JSON ({e}); write it as '{example}'.") from None
     if value is not None and not isinstance(value, dict):
         raise ConfigError(f"{name} must be a mapping (JSON object), got {value!r}.")
@@ -454,7 +463,7 @@ def _mapping(c: GRPOConfig, name: str, example: str) -> dict | None:
 def _check_liger(c: GRPOConfig) -> None:
     """liger_kernel_config: every key one of Liger's switches, every value a bool."""
     known = LIGER_LAYER_KERNELS + LIGER_LOSSES
-    for key, on in (_mapping(c, "liger_kernel_config", '{"rope": true, "swiglu": false}') or {}).items():
+    for key, on in (c.liger_kernel_config or {}).items():  # a dict or None: _mapping ran first
         if key not in known:
             hint = closest_name(str(key), known)
             raise ConfigError(f"liger_kernel_config: {key!r} is not one of Liger's switches ({', '.join(known)})."
@@ -504,8 +513,10 @@ def _validate(c: GRPOConfig) -> None:
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
     _check_compile(c)
+    for name, kinds in FIELD_TYPES.items():
+        if "dict" in kinds and name not in trl_compat.NAMES:
+            _mapping(c, name)
     _check_liger(c)
-    _mapping(c, "model_init_kwargs", '{"torch_dtype": "bfloat16"}')
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")
