@@ -145,13 +145,12 @@ def pooled(first: dict, second: dict) -> dict:
     """Two runs of one cell in one command (vLLM alone before and after the cells it is the reference of): the
     second's record, with s/step and throughput over both runs' timed steps and each run's own median in `runs`."""
     runs = [r for r in (first, second) if r.get("s_per_step")]
-    if len(runs) < 2:
-        return second if second.get("s_per_step") or not first.get("s_per_step") else first
-    timed = [w for r in runs for w in (r["step_walls"][1:] if len(r["step_walls"]) > 1 else r["step_walls"])]
+    if len(runs) < 2:  # a failed run adds nothing
+        return runs[0] if runs else second
+    timed = [w for r in runs for w in _timed(r["step_walls"])]
     total = sum(timed)
-    # each run's tokens: its rate times its timed seconds (mean x count)
-    tokens = sum(r["gen_tok_per_s"] * r["mean_s_per_step"] * r["steps_timed"] for r in runs) \
-        if all(r.get("mean_s_per_step") and r.get("gen_tok_per_s") is not None for r in runs) else None
+    tokens = sum(r["gen_tok_per_s"] * sum(_timed(r["step_walls"])) for r in runs) \
+        if all(r.get("gen_tok_per_s") is not None for r in runs) else None
     med = statistics.median(timed)
     out = {**second, "s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
            "steps_timed": len(timed), "completions_per_s": second["completions_per_step"] * len(timed) / total,
@@ -161,11 +160,16 @@ def pooled(first: dict, second: dict) -> dict:
     return out
 
 
+def _timed(values: list) -> list:
+    """The timed steps' entries: steps 2..N (step 1 holds warm-up), or the only step if just one ran."""
+    return values[1:] if len(values) > 1 else values
+
+
 def step_stats(walls: list[float], tokens: list[float], completions_per_step: int) -> dict:
     """Statistics over steps 2..N (the only step if just one ran) from per-step wall times and generated tokens."""
     if not walls:
         return {}
-    timed, toks = (walls[1:], tokens[1:]) if len(walls) > 1 else (walls, tokens)
+    timed, toks = _timed(walls), _timed(tokens)
     med, total = statistics.median(timed), sum(timed)
     return {"s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
             "gen_tok_per_s": sum(toks) / total, "completions_per_s": completions_per_step * len(timed) / total,
