@@ -9,6 +9,7 @@ in the timing comparison, which always runs the real path. `-k engine_process` s
 from __future__ import annotations
 
 import copy
+import re
 import os
 import statistics
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import torch
 import transformers
 
-from fastgrpo.config import GRPOConfig
+from fastgrpo.config import ConfigError, GRPOConfig
 from fastgrpo.rollout.base import SamplingParams
 from fastgrpo.rollout.vllm_colocate import (
     _finish_reason,
@@ -743,3 +744,25 @@ def test_engine_process_env_sets_vllms_layout_passes_the_rest_on_and_restores_it
     assert child.split() == ["1", "spawn", "50"]
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ[share] == "50"
     assert "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ
+
+
+def test_engine_env_reaches_the_engine_process_only_and_is_validated(monkeypatch):
+    """vllm_engine_env (JSON text, as from a command line) overrides the inherited environment for the engine
+    process alone: inside the launch a child sees it, and the trainer's values (or their absence) are back after."""
+    from fastgrpo.rollout.vllm_colocate import _engine_process_env
+
+    config = GRPOConfig(output_dir="/tmp/x", vllm_engine_env='{"CUDA_MPS_CLIENT_PRIORITY": 0, "FG_PROBE": "on"}')
+    assert config.vllm_engine_env == {"CUDA_MPS_CLIENT_PRIORITY": "0", "FG_PROBE": "on"}
+    monkeypatch.setenv("CUDA_MPS_CLIENT_PRIORITY", "1")  # the trainer's own, set for the job
+    monkeypatch.delenv("FG_PROBE", raising=False)
+    probe = "import os; print(os.environ.get('CUDA_MPS_CLIENT_PRIORITY'), os.environ.get('FG_PROBE'))"
+    with _engine_process_env(config.vllm_engine_env):
+        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+    assert child.split() == ["0", "on"]
+    assert os.environ["CUDA_MPS_CLIENT_PRIORITY"] == "1" and "FG_PROBE" not in os.environ
+    for bad, words in (('{"A": true}', "vllm_engine_env['A'] must be text or a number"),
+                       ('{"A": [1]}', "must be text or a number"), ('{"": "1"}', "is not an environment variable"),
+                       ('{"A=B": "1"}', "is not an environment variable"), ("[1]", "must be a mapping"),
+                       ("{A: 1}", "is not JSON")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            GRPOConfig(output_dir="/tmp/x", vllm_engine_env=bad)

@@ -63,6 +63,17 @@ summary() {  # summary NAME COMPLETIONS_PER_STEP (fastgrpo metrics.jsonl when pr
   local f="$R/$1.jsonl"; [ -f "$f" ] || f="$R/$1.log"
   python tools/steps_summary.py "$f" "$2" "$1" | tee -a "$R/summary.txt"
 }
+# v NAME BUDGET ONLY EXTRA_JSON: one bench call into $R/bench-NAME; one summary line per cell of it
+v() { local name=$1 budget=$2 only=$3 extra=$4
+  bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
+  python - "$R/bench-$name/results.jsonl" "$name" <<'PY' 2>&1 | tee -a "$R/summary.txt"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(sys.argv[2], r.get("key"), round(r.get("s_per_step") or 0, 3), r.get("split"), r.get("gpu_peak_used_gib"),
+          r.get("error") or "")
+PY
+}
 tables() {  # tables LABEL X...: table.md (and chart) of each $R/bench-X, one after another into $R/table.txt
   local label=$1; shift
   for x in "$@"; do python -m fastgrpo.bench --report "$R/bench-$x/results.jsonl" --out "$R/bench-$x" > /dev/null 2>&1
@@ -304,9 +315,6 @@ case $phase in
 26)  # one GPU (issue 6, async): vLLM alone, then the async cell as is, with 4096-token passes (shorter training
     # kernels between generation's), with compiled layers, and with compiled layers and the engine in-process
   export CUDA_VISIBLE_DEVICES=0
-  v() { local name=$1 budget=$2 only=$3 extra=$4
-    bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
-    echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)"; }
   for cell in ${CELLS:-alone async tok4096 compiled inproc}; do case $cell in
     alone) v alone "${B1:-90}" vllm-alone '{}' ;;
     async) v async "${B2:-100}" fastgrpo-async '{}' ;;
@@ -331,9 +339,6 @@ case $phase in
     # engine process got every SM at 8159530-071e250, and inherits the share since 5f89c35), so decoding finds SMs free;
     # vLLM alone and the uncapped async cell in the same call, without MPS first (NOMPS cells) and under it
   export CUDA_VISIBLE_DEVICES=0
-  v() { local name=$1 budget=$2 only=$3 extra=$4
-    bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
-    echo "$name: $(python -c "import json,sys; [print(round(json.loads(l).get('s_per_step') or 0, 3), json.loads(l).get('split'), json.loads(l).get('gpu_peak_used_gib'), json.loads(l).get('error')) for l in open(sys.argv[1])]" "$R/bench-$name/results.jsonl" 2>&1 | tail -1)" | tee -a "$R/summary.txt"; }
   for cell in ${NOMPS:-}; do case $cell in
     alone|alone2) v $cell "${BA:-100}" vllm-alone '{}' ;;
     async) v async "${BB:-110}" fastgrpo-async '{}' ;;
@@ -350,6 +355,28 @@ case $phase in
     cap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#cap} v "mps-$cell" "${BB:-110}" fastgrpo-async '{}' ;;
     pcap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#pcap} v "mps-$cell" "${BB:-110}" fastgrpo-async '{"use_liger_kernel": false}' ;;
     ccap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#ccap} v "mps-$cell" "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
+  esac; done
+  echo quit | nvidia-cuda-mps-control
+  ;;
+30)  # one GPU (issue 6, async): each async cell bracketed by vLLM alone in one bench call (pooled); NOMPS cells without
+    # MPS, then MPS cells: prio = the trainer at MPS client priority 1 (below normal), the engine process at 0
+    # (vllm_engine_env), so that decode kernels are scheduled before training's; plain = MPS without priorities
+  export CUDA_VISIBLE_DEVICES=0
+  b3="vllm-alone,fastgrpo-async,vllm-alone"; eng='"vllm_engine_env": {"CUDA_MPS_CLIENT_PRIORITY": "0"}'
+  for cell in ${NOMPS:-}; do case $cell in
+    async) v async "${BB:-300}" "$b3" '{}' ;;
+    compiled) v compiled "${BC:-300}" "$b3" '{"torch_compile": true}' ;;
+  esac; done
+  [ -n "${MPS:-}" ] || exit 0
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if ! nvidia-cuda-mps-control -d; then echo "MPS: the daemon does not start here" | tee -a "$R/summary.txt"; exit 0; fi
+  for cell in $MPS; do case $cell in
+    prio) CUDA_MPS_CLIENT_PRIORITY=1 v mps-prio "${BB:-300}" "$b3" "{$eng}" ;;
+    prioc) CUDA_MPS_CLIENT_PRIORITY=1 v mps-prioc "${BC:-300}" "$b3" "{$eng, \"torch_compile\": true}" ;;
+    cap*) CUDA_MPS_CLIENT_PRIORITY=1 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#cap} v "mps-$cell" "${BB:-300}" "$b3" \
+      "{\"vllm_engine_env\": {\"CUDA_MPS_CLIENT_PRIORITY\": \"0\", \"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE\": \"100\"}}" ;;
+    plain) v mps-plain "${BB:-200}" fastgrpo-async '{}' ;;
   esac; done
   echo quit | nvidia-cuda-mps-control
   ;;

@@ -146,6 +146,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     vllm_max_model_length: int | None = _f(None, "vLLM context length; defaults to max_prompt_length + max_completion_length.")
     vllm_tensor_parallel_size: int = _f(1, "Tensor-parallel size of the colocated vLLM engine.")
     vllm_engine_process: bool | None = _f(None, "Colocate mode, one process, TP 1: run vLLM's engine core in its own process on the same GPU (weights pushed through CUDA IPC), so its CPU work does not contend with training for the GIL. None: on with async_generation (where generation and training run at once), off otherwise. With several processes (torchrun) or TP > 1 the engine stays in-process.")
+    vllm_engine_env: dict | str | None = _f(None, "Environment variables for vLLM's engine process only (vllm_engine_process), not the trainer, as a mapping of names to text (JSON on a command line), e.g. '{\"CUDA_MPS_CLIENT_PRIORITY\": \"0\"}' under CUDA MPS with the trainer started at priority 1. The engine inherits the trainer's environment otherwise. Ignored, with a warning, where the engine runs in the trainer's process.")
     vllm_sampler_logprobs: bool = _f(True, "Colocate mode: read the sampled tokens' logprobs (for the importance-sampling correction) from vLLM's sampler on the GPU, once per generation, instead of through vLLM's per-token output objects. Same values, ~0.5 s less per recipe step; False asks vLLM for logprobs=0.")
     vllm_enable_prefix_caching: bool = _f(True, "Share the KV cache of a prompt across its num_generations completions.")
     vllm_importance_sampling_correction: bool = _f(True, "Reweight the loss by trainer/generator probability ratios (truncated IS).")
@@ -441,7 +442,8 @@ LIGER_LOSSES = ("cross_entropy", "fused_linear_cross_entropy")  # fastgrpo's own
 _MAPPING_EXAMPLES = {"model_init_kwargs": '{"torch_dtype": "bfloat16"}',
                      "gradient_checkpointing_kwargs": '{"use_reentrant": false}',
                      "chat_template_kwargs": '{"enable_thinking": false}', "generation_kwargs": '{"min_tokens": 4}',
-                     "liger_kernel_config": '{"rope": true, "swiglu": false}'}
+                     "liger_kernel_config": '{"rope": true, "swiglu": false}',
+                     "vllm_engine_env": '{"CUDA_MPS_CLIENT_PRIORITY": "0"}'}
 
 
 def _mapping(c: GRPOConfig, name: str) -> dict | None:
@@ -470,6 +472,19 @@ def _check_liger(c: GRPOConfig) -> None:
                               + (f" Did you mean '{hint}'?" if hint else ""))
         if not isinstance(on, bool):
             raise ConfigError(f"liger_kernel_config[{key!r}] must be true or false, got {on!r}.")
+
+
+def _check_engine_env(c: GRPOConfig) -> None:
+    """vllm_engine_env: names of environment variables to text; numbers are written as text, anything else is an
+    error (os.environ holds text only)."""
+    env = c.vllm_engine_env or {}  # a dict or None: _mapping ran first
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ConfigError(f"vllm_engine_env: {key!r} is not an environment variable name.")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"vllm_engine_env[{key!r}] must be text or a number, got {value!r}; write it as "
+                              f"'{{\"{key}\": \"1\"}}'.")
+        env[key] = str(value)
 
 
 def _validate(c: GRPOConfig) -> None:
@@ -517,6 +532,7 @@ def _validate(c: GRPOConfig) -> None:
         if "dict" in kinds and name not in trl_compat.NAMES:
             _mapping(c, name)
     _check_liger(c)
+    _check_engine_env(c)
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")

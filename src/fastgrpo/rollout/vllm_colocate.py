@@ -79,6 +79,7 @@ import random
 import signal
 import socket
 import time
+import warnings
 
 import torch
 
@@ -189,14 +190,16 @@ def _sigint_blocked():
 
 
 @contextlib.contextmanager
-def _engine_process_env():
-    """os.environ as the spawned engine process must inherit it; restored afterwards. Everything else passes on
-    unchanged, CUDA MPS's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE included: a share of the GPU set for the job (to share
-    the GPU with others) binds the engine too."""
-    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # fork after CUDA initialisation is unusable
+def _engine_process_env(extra: dict[str, str] | None = None):
+    """os.environ as the spawned engine process must inherit it (vLLM's layout, then `extra`: the config's
+    vllm_engine_env); restored afterwards. Everything else passes on unchanged, CUDA MPS's
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE included: a share of the GPU set for the job (to share the GPU with others)
+    binds the engine too unless vllm_engine_env says otherwise."""
+    layout = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+              "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}  # fork after CUDA initialisation is unusable
+    wanted = {**layout, **(extra or {})}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -208,12 +211,12 @@ def _engine_process_env():
 
 
 @contextlib.contextmanager
-def _engine_process_launch():
+def _engine_process_launch(extra: dict[str, str] | None = None):
     """Environment for building an `LLM` whose EngineCore runs in its own (spawned) process."""
     from vllm import envs
 
     envs.disable_envs_cache()  # an earlier in-process engine cached VLLM_ENABLE_V1_MULTIPROCESSING=0
-    with _engine_process_env(), _spawn_without_main(), _sigint_blocked():
+    with _engine_process_env(extra), _spawn_without_main(), _sigint_blocked():
         yield
 
 
@@ -339,7 +342,10 @@ class VLLMColocateGenerator(Generator):
         kwargs.update(engine_kwargs or {})
         self.engine_kwargs = kwargs
 
-        launch = _engine_process_launch() if self.engine_process else contextlib.nullcontext()
+        if config.vllm_engine_env and not self.engine_process:
+            warnings.warn(f"vllm_engine_env ({', '.join(config.vllm_engine_env)}) is ignored: the engine runs in "
+                          "the trainer's process (vllm_engine_process is off, or torchrun / TP > 1).", stacklevel=2)
+        launch = _engine_process_launch(config.vllm_engine_env) if self.engine_process else contextlib.nullcontext()
         with _preserved_process_state(self.device), launch:
             self.llm = LLM(**kwargs)
 
