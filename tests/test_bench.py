@@ -114,7 +114,12 @@ def test_two_runs_of_vllm_alone_are_pooled_and_both_shown():
     failed = {**after, "s_per_step": None, "step_walls": [], "error": "timeout after 90 s"}
     assert bench.pooled(before, failed) is before and bench.pooled(failed, after) is after  # a failed run adds nothing
     row = next(ln for ln in bench_report.summarize([p]).splitlines() if ln.startswith("| vllm"))
-    assert "2.15" in row and "runs before/after the cells: 1.90, 2.60 s" in row
+    assert "2.15" in row and "runs around the other cells, in order: 1.90, 2.60 s" in row
+    third = {**before, **bench.step_stats([2.0, 3.1, 3.0, 2.9], [65536.0] * 4, 128)}  # alone, x, alone, y, alone
+    p3 = bench.pooled(p, third)
+    assert [r["s_per_step"] for r in p3["runs"]] == [1.9, 2.6, 3.0] and p3["steps_timed"] == 9
+    assert p3["s_per_step"] == pytest.approx(statistics.median([1.8, 2.1, 1.9, 2.7, 2.6, 2.2, 3.1, 3.0, 2.9]))
+    assert p3["gen_tok_per_s"] == pytest.approx(9 * 65536 / (13.3 + 9.0))
 
 
 def test_a_command_pools_its_own_two_runs_of_vllm_alone_only(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ repo=$PWD
 export PYTHONPATH=/tmp/site:$repo/src VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 finish() {
+  [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || echo quit | timeout 10 nvidia-cuda-mps-control 2>/dev/null
   cp "$R"/*.txt "$out"/ 2>/dev/null
   tar czf "$out/phase$phase.tgz" -C /tmp/res "phase$phase" 2>/dev/null
 }
@@ -365,14 +366,17 @@ case $phase in
   b3="vllm-alone,fastgrpo-async,vllm-alone"; eng='"vllm_engine_env": {"CUDA_MPS_CLIENT_PRIORITY": "0"}'
   for cell in ${NOMPS:-}; do case $cell in
     async) v async "${BB:-300}" "$b3" '{}' ;;
+    async2) v async2 "${BB:-400}" "$b3,fastgrpo-async,vllm-alone" '{}' ;;  # alone/async in turn, pooled
     compiled) v compiled "${BC:-300}" "$b3" '{"torch_compile": true}' ;;
   esac; done
   [ -n "${MPS:-}" ] || exit 0
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  echo quit | timeout 10 nvidia-cuda-mps-control 2>/dev/null && sleep 2  # a daemon left by a call cut short
   if ! nvidia-cuda-mps-control -d; then echo "MPS: the daemon does not start here" | tee -a "$R/summary.txt"; exit 0; fi
   for cell in $MPS; do case $cell in
     prio) CUDA_MPS_CLIENT_PRIORITY=1 v mps-prio "${BB:-300}" "$b3" "{$eng}" ;;
+    prio1) CUDA_MPS_CLIENT_PRIORITY=1 v mps-prio1 "${BB:-150}" fastgrpo-async "{$eng}" ;;
     prioc) CUDA_MPS_CLIENT_PRIORITY=1 v mps-prioc "${BC:-300}" "$b3" "{$eng, \"torch_compile\": true}" ;;
     cap*) CUDA_MPS_CLIENT_PRIORITY=1 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#cap} v "mps-$cell" "${BB:-300}" "$b3" \
       "{\"vllm_engine_env\": {\"CUDA_MPS_CLIENT_PRIORITY\": \"0\", \"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE\": \"100\"}}" ;;

@@ -142,9 +142,10 @@ def recipe_config(spec: dict, framework: str, cuda: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the worker
 def pooled(first: dict, second: dict) -> dict:
-    """Two runs of one cell in one command (vLLM alone before and after the cells it is the reference of): the
-    second's record, with s/step and throughput over both runs' timed steps and each run's own median in `runs`."""
-    runs = [r for r in (first, second) if r.get("s_per_step")]
+    """Runs of one cell in one command (vLLM alone before, between and after the cells it is the reference of):
+    the last record, with s/step and throughput over every run's timed steps and each run's own median in `runs`.
+    `first` may itself be pooled (a third run and on), `second` is one run."""
+    runs = [r for rec in (first, second) for r in (rec.get("runs") or [rec]) if r.get("s_per_step")]
     if len(runs) < 2:  # a failed run adds nothing
         return runs[0] if runs else second
     timed = [w for r in runs for w in _timed(r["step_walls"])]
@@ -154,7 +155,7 @@ def pooled(first: dict, second: dict) -> dict:
     med = statistics.median(timed)
     out = {**second, "s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
            "steps_timed": len(timed), "completions_per_s": second["completions_per_step"] * len(timed) / total,
-           "runs": [{"s_per_step": r["s_per_step"], "step_walls": r["step_walls"]} for r in runs]}
+           "runs": [{k: r.get(k) for k in ("s_per_step", "step_walls", "gen_tok_per_s")} for r in runs]}
     if tokens is not None:
         out["gen_tok_per_s"] = tokens / total
     return out

@@ -36,7 +36,7 @@ def summarize(results: list[dict]) -> str:
             notes.append("gradient_checkpointing on (TRL default)")
         if r["framework"] == "vllm":
             notes.append("vLLM generate() alone, ignore_eos"
-                         + (f"; runs before/after the cells: {', '.join(_f(x['s_per_step']) for x in r['runs'])} s"
+                         + (f"; runs around the other cells, in order: {', '.join(_f(x['s_per_step']) for x in r['runs'])} s"
                             if r.get("runs") else ""))
         split = "—" if sp.get("gen") is None else (f"{sp['gen']:.1f}{'‖' if sp.get('overlapped') else ''} / "
                                                    f"{_f(sp.get('train'), '{:.1f}')} / {_f(sp.get('other'), '{:.1f}')}")
