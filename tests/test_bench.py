@@ -41,9 +41,11 @@ def test_parse_grid_async_vllm_alone_and_errors():
                                      "--max-completion-length", "512"))
     assert [bench.cell_key(c) for c in bracket] == ["vllm-alone-G8-L512", "fastgrpo-async-G8-L512", "vllm-alone-G8-L512"]
     assert bracket[0] is not bracket[2]
+    turns = bench.parse_grid(_args("--only", "vllm-alone,fastgrpo-async,vllm-alone,fastgrpo-async,vllm-alone",
+                                   "--num-generations", "8", "--max-completion-length", "512"))
+    assert [c["framework"] for c in turns] == ["vllm", "fastgrpo", "vllm", "fastgrpo", "vllm"]
     for bad in (["--only", "trl-async"], ["--only", "fastgrpo"], ["--frameworks", "verl"], ["--modes", "sync"], ["--num-generations", "3"], ["--steps", "0"],
-                ["--per-device-batch", "6"], ["--only", "fastgrpo-async,fastgrpo-async"],
-                ["--only", "vllm-alone,vllm-alone,fastgrpo-async,vllm-alone"]):
+                ["--per-device-batch", "6"], ["--only", "fastgrpo-async,fastgrpo-asyn"], ["--only", ","]):
         with pytest.raises(ValueError):
             bench.parse_grid(_args(*bad))
 
