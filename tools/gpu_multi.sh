@@ -368,6 +368,9 @@ case $phase in
     async) v async "${BB:-300}" "$b3" '{}' ;;
     async2) v async2 "${BB:-400}" "$b3,fastgrpo-async,vllm-alone" '{}' ;;  # alone/async in turn, pooled
     compiled) v compiled "${BC:-300}" "$b3" '{"torch_compile": true}' ;;
+    # never run: the engine in the trainer's process (one CUDA context: no time slices between generation and
+    # training) with the training layers replayed as CUDA graphs, so that training holds the GIL far less
+    graphs) v graphs "${BC:-360}" "$b3" '{"torch_compile_mode": "reduce-overhead", "vllm_engine_process": false}' ;;
   esac; done
   [ -n "${MPS:-}" ] || exit 0
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

@@ -65,7 +65,9 @@ trainer's process group):
 - CUDA MPS (the engine's and the trainer's kernels share SMs instead of time slices) was measured in
   benchmarks.md 11.4 and 12.1, including a trainer confined to half the SMs with the engine given all of them. It did
   not pay against vLLM without MPS, and one machine gave NaN losses, so fastgrpo does nothing MPS-specific: the
-  engine process inherits the trainer's environment (a share set for the job binds the engine too).
+  engine process inherits the trainer's environment (a share set for the job binds the engine too), except for
+  what `vllm_engine_env` sets for it alone. MPS client priorities through it (trainer 1, engine 0) were measured
+  in benchmarks.md 13 and did not pay either.
 """
 
 from __future__ import annotations
