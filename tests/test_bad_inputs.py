@@ -10,6 +10,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.checkpoint import STATE_FILE, CheckpointError
@@ -277,8 +278,10 @@ def named(fn, name):
      r"reward function 'not_a_list' returned str; it must return a list of 4 floats"),
     (named(lambda completions, **kw: None, "returns_nothing"),
      r"reward function 'returns_nothing' returned NoneType; it must return a list of 4 floats"),
-    (named(lambda completions, **kw: [None] * 4, "all_none"),
-     r"reward function 'all_none' returned None for every sample; at least one value must be a number"),
+    (named(lambda completions, **kw: torch.ones(4, 1), "column"),
+     r"reward function 'column' returned a Tensor of shape \[4, 1\]; it must hold one value per completion \(4\)"),
+    (named(lambda completions, **kw: [10**400] * 4, "huge"),
+     r"reward function 'huge' returned an integer too large for a float for sample 0"),
 ])
 def test_bad_reward_output_names_function_and_sample(fn, message):
     with pytest.raises(RewardError, match=message):
@@ -305,7 +308,8 @@ def test_reward_exception_names_function_sample_and_error():
 
 
 def test_reward_exception_scored_zero_on_request():
-    rewards, failures = score([resolve_reward(reward_len), resolve_reward(picky)], _batch(), 4, on_error="zero")
+    out = score([resolve_reward(reward_len), resolve_reward(picky)], _batch(), 4, on_error="zero")
+    rewards, failures = out.rewards, out.failures
     assert failures == 1
     assert rewards[:, 1].tolist() == [0.0] * 4 and rewards[:, 0].tolist() == [7.0, 8.0, 9.0, 10.0]
 
@@ -327,8 +331,8 @@ def test_hanging_reward_stopped_by_timeout(fn):
                                           r"on a batch of 4 completions\. Make it faster, raise reward_timeout"):
         score([resolve_reward(reward_len), resolve_reward(fn)], _batch(), 4, timeout=0.5)
     assert time.monotonic() - t < 10
-    rewards, failures = score([resolve_reward(fn)], _batch(), 4, timeout=0.5, on_error="zero")
-    assert failures == 1 and rewards.tolist() == [[0.0]] * 4
+    out = score([resolve_reward(fn)], _batch(), 4, timeout=0.5, on_error="zero")
+    assert out.failures == 1 and out.rewards.tolist() == [[0.0]] * 4
 
 
 def test_reward_own_timeout_error_is_not_blamed_on_reward_timeout():
@@ -402,14 +406,14 @@ def test_checkpoint_saved_without_training_state(checkpoint, tmp_path):
     light = _copy(checkpoint, tmp_path / "checkpoint-1")
     (light / "training_state.pt").unlink()
     with pytest.raises(CheckpointError, match=r"has no training_state\.pt \(saved with save_only_model=True\): it "
-                                              r"cannot resume a run"):
+                                              r"holds weights only and cannot resume a run"):
         _resume(tmp_path, str(light))
 
 
 def test_checkpoint_from_another_model(checkpoint, tmp_path):
-    with pytest.raises(CheckpointError, match=r"was written for another model \(.*'hidden_size': 32.*\); this run's "
-                                              r"model is .*'hidden_size': 64.*Resume with the same model, or start a "
-                                              r"new output_dir"):
+    with pytest.raises(CheckpointError, match=r"was written for another model or adapter \(hidden_size: checkpoint "
+                                              r"32, this run 64\)\. Resume with the same model and peft_config, or "
+                                              r"start a new output_dir"):
         _resume(tmp_path, str(checkpoint), hidden=64)
 
 
@@ -427,3 +431,49 @@ def test_vllm_temperature_limit():
     with pytest.raises(ConfigError, match=r"temperature=2.5: vLLM samples with temperature <= 2.0"):
         GRPOConfig(use_vllm=True, temperature=2.5)
     assert GRPOConfig(use_vllm=False, temperature=2.5).temperature == 2.5
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+     "its weights cannot be loaded"),
+    (lambda d: (d / "training_state.pt").write_bytes(b""), "training_state.pt cannot be read"),
+    (lambda d: (d / STATE_FILE).write_text("{not json"), f"{STATE_FILE} is not readable JSON"),
+    (lambda d: (d / STATE_FILE).write_text("{}"), f"{STATE_FILE} holds no global_step"),
+    (lambda d: (d / STATE_FILE).write_text("[1, 2]"), f"{STATE_FILE} holds no global_step"),
+], ids=["weights", "training-state", "json", "empty-state", "list-state"])
+def test_damaged_checkpoint_names_itself_and_an_earlier_one(checkpoint, tmp_path, damage, words):
+    _copy(checkpoint, tmp_path / "checkpoint-1")
+    broken = _copy(checkpoint, tmp_path / "checkpoint-2")
+    damage(broken)
+    with pytest.raises(CheckpointError, match=rf"checkpoint-2 is damaged: {re.escape(words)}.*Resume from an earlier "
+                                              rf"checkpoint, e\.g\. resume_from_checkpoint='.*checkpoint-1'"):
+        _resume(tmp_path, str(broken))
+
+
+def test_checkpoint_of_another_lora_config(tmp_path):
+    from peft import LoraConfig
+
+    tok = build_char_tokenizer()
+
+    def run(out, lora, resume=None, steps=1):
+        t = GRPOTrainer(build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_len,
+                        args=GRPOConfig(output_dir=str(out), **{**SMALL, "max_steps": steps, "save_strategy": "steps",
+                                                                "save_steps": 1}),
+                        train_dataset=DATA, processing_class=tok, peft_config=lora)
+        t.train(resume_from_checkpoint=resume)
+
+    base = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    run(tmp_path / "a", LoraConfig(**base))
+    for change, words in (({"lora_alpha": 64}, "lora: checkpoint .*'lora_alpha': 8.*this run .*'lora_alpha': 64"),
+                          ({"r": 8}, "lora: .*'r': 4.*'r': 8"), ({"target_modules": ["q_proj"]}, "lora: .*'q_proj'\\]")):
+        with pytest.raises(CheckpointError, match=f"written for another model or adapter \\({words}"):
+            run(tmp_path / "b", LoraConfig(**{**base, **change}), resume=str(tmp_path / "a" / "checkpoint-1"), steps=2)
+
+
+def test_unwritable_output_dir_is_a_config_error(tmp_path, tok, tiny):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    trainer = GRPOTrainer(tiny, reward_len, args=GRPOConfig(output_dir=str(blocker / "run"), **SMALL),
+                          train_dataset=DATA, processing_class=tok)
+    with pytest.raises(ConfigError, match="output_dir=.*file/run' cannot be created"):
+        trainer.train()

@@ -54,10 +54,9 @@ def _decode_kwargs(prompts: list[Prompt], gen: Generation, tokenizer, G: int, tr
     texts = tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
     conversational = isinstance(expanded[0].prompt, list)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-    kwargs = {"prompts": [p.prompt for p in expanded], "completions": completions,
-              "completion_ids": gen.completion_ids, "trainer_state": trainer_state}
-    for key in expanded[0].columns:
-        kwargs[key] = [p.columns.get(key) for p in expanded]
+    kwargs = {key: [p.columns.get(key) for p in expanded] for key in expanded[0].columns}
+    kwargs.update(prompts=[p.prompt for p in expanded], completions=completions,  # over any column of the name
+                  completion_ids=gen.completion_ids, trainer_state=trainer_state)
     return kwargs, len(expanded)
 
 
@@ -71,7 +70,8 @@ def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_func
     G = config.num_generations
     kwargs, N = _decode_kwargs(prompts, gen, tokenizer, G, trainer_state)
     expanded = [p for p in prompts for _ in range(G)]
-    per_func, failures = score(reward_funcs, kwargs, N, config.reward_timeout, config.reward_error)
+    scores = score(reward_funcs, kwargs, N, config.reward_timeout, config.reward_error)
+    per_func, failures = scores.rewards, scores.failures
     rewards = adv_fns.combine_rewards(per_func, reward_weights)
     truncated = torch.tensor([r == "length" for r in gen.finish_reasons])
     lengths = torch.tensor([len(c) for c in gen.completion_ids], dtype=torch.float64)
@@ -92,6 +92,7 @@ def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_func
                 rewards, advantages, group_std, loss_lengths, weights, failures)
     r.metrics = round_metrics(column(0).float(), column(1).float(), every[:, 5:].float(), column(3).float(),
                               column(4).float(), [f.name for f in reward_funcs], failures)
+    r.metrics.update(scores.metrics)  # the reward functions' own log_metric values (this rank's)
     r.round_tokens = int(column(0).sum())
     return r
 

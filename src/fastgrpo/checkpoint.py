@@ -55,11 +55,24 @@ class TrainerState:
 
 
 def model_signature(model: torch.nn.Module) -> dict:
+    """What a checkpoint must match to resume into this model: the base's shape and, with LoRA, the adapter's
+    rank, scaling and target modules (a different alpha would load silently and train another function)."""
     base = base_model(model)
     cfg = base.config
-    return {"model_type": getattr(cfg, "model_type", None), "hidden_size": getattr(cfg, "hidden_size", None),
-            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None),
-            "peft": hasattr(model, "peft_config")}
+    sig = {"model_type": getattr(cfg, "model_type", None), "hidden_size": getattr(cfg, "hidden_size", None),
+           "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None),
+           "peft": hasattr(model, "peft_config")}
+    peft_cfg = getattr(model, "peft_config", {}).get("default") if sig["peft"] else None
+    if peft_cfg is not None:
+        targets = getattr(peft_cfg, "target_modules", None)
+        sig["lora"] = {"r": getattr(peft_cfg, "r", None), "lora_alpha": getattr(peft_cfg, "lora_alpha", None),
+                       "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+    return sig
+
+
+def _differs(saved: dict, current: dict) -> dict:
+    """Signature entries that differ, over the keys both have (checkpoints of earlier versions lack 'lora')."""
+    return {k: (saved[k], current[k]) for k in saved.keys() & current.keys() if saved[k] != current[k]}
 
 
 def rng_state() -> dict:
@@ -166,9 +179,18 @@ def save_checkpoint(output_dir: str, state: TrainerState, model, tokenizer, opti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Only this run's line of checkpoints rotates: a higher-numbered one (left by another run in the same
+        # output_dir) is neither counted nor deleted, and the one just written always stays.
+        mine = [c for c in list_checkpoints(output_dir) if checkpoint_step(c) <= state.global_step]
+        for old in mine[:-total_limit]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path: str) -> int:
+    m = _CKPT.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else -1
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -221,26 +243,53 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     return resume
 
 
+def _damaged(path: str, what: str, e: BaseException | None = None) -> CheckpointError:
+    """The error for a checkpoint whose files cannot be read, naming an intact earlier one to resume from."""
+    parent = os.path.dirname(os.path.normpath(path))
+    earlier = [c for c in list_checkpoints(parent) if checkpoint_step(c) < checkpoint_step(path)]
+    why = f" ({type(e).__name__}: {str(e)[:200]})" if e is not None else ""
+    return CheckpointError(f"{path} is damaged: {what}{why}. Resume from an earlier checkpoint"
+                           + (f", e.g. resume_from_checkpoint='{earlier[-1]}'" if earlier else " (none is left)")
+                           + ", or delete this one.")
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, sharded: bool = False) -> TrainerState:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns the saved trainer state. `sharded`: the
     model is FSDP2-sharded; every rank calls this, rank 0 reads the tensors and scatters the shards."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        raw = json.load(f)
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise _damaged(path, f"{STATE_FILE} is not readable JSON", e) from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("global_step"), int):
+        raise _damaged(path, f"{STATE_FILE} holds no global_step")
     state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
     sig = model_signature(model)
-    if state.model_signature and state.model_signature != sig:
-        raise CheckpointError(f"{path} was written for another model ({state.model_signature}); this run's model is "
-                              f"{sig}. Resume with the same model, or start a new output_dir.")
+    differs = _differs(state.model_signature or {}, sig)
+    if differs:
+        detail = "; ".join(f"{k}: checkpoint {a}, this run {b}" for k, (a, b) in sorted(differs.items()))
+        raise CheckpointError(f"{path} was written for another model or adapter ({detail}). Resume with the same "
+                              "model and peft_config, or start a new output_dir.")
     ts = os.path.join(path, "training_state.pt")
-    if sharded:
-        _load_sharded_weights(path, model)
-    else:
-        _load_weights(path, model)
     if not os.path.isfile(ts):
-        raise CheckpointError(f"{path} has no training_state.pt (saved with save_only_model=True): it cannot resume a run.")
+        raise CheckpointError(f"{path} has no training_state.pt (saved with save_only_model=True): it holds weights "
+                              "only and cannot resume a run. Load it as a model, or resume from a checkpoint saved "
+                              "without save_only_model.")
+    try:
+        if sharded:
+            _load_sharded_weights(path, model)
+        else:
+            _load_weights(path, model)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, torch's size mismatches, truncated files
+        raise _damaged(path, "its weights cannot be loaded", e) from e
     rank, world = _dist_rank_world()
     # mmap: ranks other than 0 read only the scheduler and their RNG state, not the (large) optimizer tensors
-    blob = torch.load(ts, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        blob = torch.load(ts, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or empty file
+        raise _damaged(path, "training_state.pt cannot be read", e) from e
     osd = blob["optimizer"]
     by_name = any(isinstance(p, str) for g in osd.get("param_groups", []) for p in g.get("params", []))
     if sharded and not by_name:

@@ -75,20 +75,64 @@ def load_dataset_spec(path: str, split: str = "train", name: str | None = None, 
     return datasets.load_dataset(path, name, split=split, **kw)
 
 
+#: Keyword arguments a reward call gets from the trainer: a dataset column of the same name cannot reach the
+#: reward functions. The first two make TRL fail at the first reward call; the rest it drops or overrides.
+RESERVED_COLUMNS = {"prompts": "error", "completions": "error", "completion": "drop", "completion_ids": "drop",
+                    "trainer_state": "drop", "log_metric": "drop", "log_extra": "drop"}
+
+
+def _check_container(dataset, what: str) -> None:
+    """A map-style dataset (datasets.Dataset, or a list of dicts); anything else gets the conversion to use."""
+    kind = type(dataset).__name__
+    fixes = {"IterableDataset": "materialise it: datasets.Dataset.from_list(list(ds.take(N))) (fastgrpo shuffles "
+                                "and resumes by row index, so it needs a sized dataset)",
+             "IterableDatasetDict": "pick a split and materialise it, e.g. Dataset.from_list(list(ds['train'].take(N)))",
+             "DatasetDict": "pass one split, e.g. dataset['train']",
+             "DataFrame": "convert it: datasets.Dataset.from_pandas(df)"}
+    if kind in fixes:
+        raise DataError(f"{what} is a {kind}; fastgrpo needs a datasets.Dataset or a list of dicts. Fix: {fixes[kind]}.")
+    if isinstance(dataset, dict):
+        raise DataError(f"{what} is a dict; fastgrpo needs a datasets.Dataset or a list of dicts (one dataset: several "
+                        "eval datasets are not supported). Fix: datasets.Dataset.from_dict(columns) for a dict of "
+                        "columns, or pass one of the datasets.")
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or isinstance(dataset, (str, bytes)):
+        raise DataError(f"{what} is a {kind}; fastgrpo needs a datasets.Dataset or a list of dicts.")
+    if not hasattr(dataset, "column_names"):
+        bad = next((i for i, row in enumerate(dataset) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"{what} row {bad} is a {type(dataset[bad]).__name__}, not a dict; each row must be a "
+                            f"mapping with a 'prompt', e.g. {{'prompt': 'What is 2+2?'}}.")
+
+
 def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_dataset") -> list[dict]:
-    """Check what needs no tokenizer (the prompt column, empty or malformed prompts); returns the rows.
+    """Check what needs no tokenizer (the container, the prompt column, reserved column names, empty or malformed
+    prompts); returns the rows, without the columns that reward calls reserve.
 
     The trainer calls this before loading the tokenizer or the model, so a bad dataset fails in seconds."""
-    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0].keys()) if len(dataset) else []
+    _check_container(dataset, what)
     if len(dataset) == 0:
         raise DataError(f"{what} is empty.")
+    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else \
+        list(dict.fromkeys(k for row in dataset for k in row))
     if prompt_column not in columns:
+        where = "dataset.prompt_column in the YAML" if prompt_column != "prompt" else "it"
         raise DataError(
-            f"{what} has no '{prompt_column}' column (columns: {columns}). GRPO needs one prompt per row: add it, e.g. "
-            f"dataset.map(lambda x: {{'prompt': [{{'role': 'user', 'content': x['problem']}}]}}), "
-            f"or name your column with prompt_column."
+            f"{what} has no '{prompt_column}' column (columns: {columns}). GRPO needs one prompt per row: add {where}, "
+            f"e.g. dataset.map(lambda x: {{'prompt': [{{'role': 'user', 'content': x['problem']}}]}})."
         )
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    clash = [c for c in columns if RESERVED_COLUMNS.get(c) == "error"]
+    if clash:
+        raise DataError(f"{what} has a column named {clash[0]!r}, the name under which reward functions receive the "
+                        f"{'prompts' if clash[0] == 'prompts' else 'generated completions'}. Fix: rename it, e.g. "
+                        f"dataset.rename_column({clash[0]!r}, 'reference_{clash[0]}').")
+    dropped = [c for c in columns if RESERVED_COLUMNS.get(c) == "drop"]
+    if dropped:
+        log.warning("%s: column(s) %s not passed to reward functions: the trainer passes its own values under those "
+                    "names (as TRL does). Rename them to reach the reward functions.", what, ", ".join(dropped))
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else [dict(r) for r in dataset]
+    for row in rows:
+        for c in dropped:
+            row.pop(c, None)
     for i, row in enumerate(rows):
         p = row.get(prompt_column)
         if is_conversational(p):
@@ -119,8 +163,13 @@ def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_co
                     f"{what} holds conversational prompts but the tokenizer has no chat template. Fix: set "
                     "tokenizer.chat_template, or give plain-text prompts."
                 )
-            text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
-                                                 **(chat_template_kwargs or {}))
+            try:
+                text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
+                                                     **(chat_template_kwargs or {}))
+            except Exception as e:  # jinja's TemplateError (raise_exception in the template) and kin
+                raise DataError(f"{what} row {i}: the tokenizer's chat template rejected this conversation "
+                                f"({type(e).__name__}: {e}). Fix the row (e.g. a role the template does not "
+                                "accept) or the template.") from e
         else:
             text = p
         texts.append(text)

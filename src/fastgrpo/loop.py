@@ -255,7 +255,6 @@ def train_loop(run: Run) -> dict[str, float]:
                         grad_norm, ok = _optimizer_step(run, sums)
                     state.global_step += 1
                     state.epoch = run.stream.epoch_float
-                    _check_finite(run, ok, sums, grad_norm)
                     if run.generator.owns_weights and pool is None:
                         with timer("sync_time"):
                             run.generator.update_weights(run.model)
@@ -269,6 +268,7 @@ def train_loop(run: Run) -> dict[str, float]:
                     state.loss_sum += m["loss"]  # in the checkpoint: train_loss spans resumes too
                     steps_done += 1
                     save_due |= _log(run, m)
+                    _check_finite(run, ok, sums, grad_norm)  # after _log: the step that stops the run is logged
             if pending is not None:                           # wait for round k+1, then give it the new weights
                 pending = _done_future(pending.result())
                 run.generator.update_weights(run.model)

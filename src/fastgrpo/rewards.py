@@ -11,24 +11,33 @@ works only there. A model path instead of a callable loads a sequence-classifica
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import functools
 import inspect
+import logging
 import math
 import os
 import re
 import signal
 import threading
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["format_reward", "accuracy_reward", "RewardFunction", "RewardError", "score", "BUILTINS", "resolve_reward"]
+__all__ = ["format_reward", "accuracy_reward", "RewardFunction", "RewardError", "Scores", "score", "BUILTINS",
+           "resolve_reward", "check_signature"]
+
+log = logging.getLogger("fastgrpo")
 
 
 class RewardError(RuntimeError):
     """A reward function failed or returned something unusable; the message names it and the sample."""
+
+    resumable = True  # raised in a training round: the trainer saves a checkpoint before stopping
 
 
 # ---------------------------------------------------------------------------------------------- built-ins
@@ -149,13 +158,50 @@ class RewardFunction:
     name: str
     fn: Callable
     is_async: bool
+    failures: int = 0   # calls scored 0 under reward_error="zero", for the warnings
+
+
+def _name(fn: Callable) -> str:
+    """TRL's metric name: the function's __name__ (through functools.partial), else the class name."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+#: What every reward call gets besides the dataset's columns.
+PASSED = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+
+
+def check_signature(func: RewardFunction, columns: list[str]) -> None:
+    """Fail at construction, not at the first step, when a reward function needs an argument no call passes, or
+    cannot take the dataset's columns (each arrives as a keyword argument, as in TRL)."""
+    try:
+        params = inspect.signature(func.fn).parameters.values()
+    except (TypeError, ValueError):  # builtins and C callables without a signature: left to the call
+        return
+    passed = set(PASSED) | set(columns)
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if passed - named:
+            raise RewardError(f"reward function '{func.name}' takes no **kwargs, but every call passes "
+                              f"{', '.join(sorted(passed - named))}. Fix: def {func.name}(prompts, completions, "
+                              "**kwargs).")
+    for p in params:
+        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if required and p.name not in passed:
+            raise RewardError(f"reward function '{func.name}' needs an argument '{p.name}', which no call passes: "
+                              f"dataset columns are {columns}. Fix: add a '{p.name}' column to the dataset, or give "
+                              "the argument a default.")
 
 
 def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> RewardFunction:
     """A callable, a built-in name, `module:function`, or a reward-model path."""
     if callable(spec):
-        name = getattr(spec, "__name__", type(spec).__name__)
-        return RewardFunction(name, spec, inspect.iscoroutinefunction(spec))
+        return RewardFunction(_name(spec), spec, _is_async(spec))
     if isinstance(spec, str):
         if spec in BUILTINS:
             return resolve_reward(BUILTINS[spec])
@@ -167,14 +213,21 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> RewardFunct
                 fn = getattr(importlib.import_module(mod), attr)
             except (ImportError, AttributeError) as e:
                 raise RewardError(f"reward '{spec}': cannot import {attr} from {mod} ({e}).") from e
+            if not callable(fn):
+                raise RewardError(f"reward '{spec}': {attr} is a {type(fn).__name__}, not a function.")
             return resolve_reward(fn)
         if os.path.isdir(spec):
-            return resolve_reward(RewardModel(spec, device))
+            try:
+                return resolve_reward(RewardModel(spec, device))
+            except (OSError, ValueError) as e:
+                raise RewardError(f"reward '{spec}': the folder does not hold a sequence-classification model and "
+                                  f"its tokenizer ({type(e).__name__}: {str(e)[:200]}).") from e
         import difflib
 
         hint = difflib.get_close_matches(spec, sorted(BUILTINS), n=1)
         raise RewardError(f"reward '{spec}' is not a built-in ({', '.join(sorted(set(BUILTINS)))}), "
-                          "a module:function, nor an existing reward-model folder."
+                          "a module:function, nor an existing reward-model folder (hub ids are not downloaded: "
+                          "save the model to a folder first)."
                           + (f" Did you mean '{hint[0]}'?" if hint else ""))
     raise RewardError(f"reward {spec!r} must be a callable, a built-in name, module:function or a model path.")
 
@@ -190,7 +243,11 @@ class _TimedOut(TimeoutError):
 def _call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict) -> Any:
     """Run fn on this (main) thread; a watchdog interrupts it after `timeout` seconds. SIGUSR1 is used, not
     SIGALRM, because math-verify inside reward functions owns SIGALRM for its own timeouts."""
-    if not timeout or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+    if not timeout:
+        return fn(**kwargs)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        warnings.warn(f"reward_timeout={timeout}s is not enforced for synchronous reward functions when train() "
+                      "runs off the main thread (signals reach the main thread only).", stacklevel=3)
         return fn(**kwargs)
     done = threading.Event()
 
@@ -214,8 +271,14 @@ def _call_with_timeout(fn: Callable, timeout: float | None, kwargs: dict) -> Any
 
 
 def _check_output(name: str, values: Any, n: int) -> list[float]:
-    if isinstance(values, torch.Tensor):
+    if isinstance(values, torch.Tensor) or type(values).__module__ == "numpy":
+        if getattr(values, "ndim", 1) != 1:
+            raise RewardError(f"reward function '{name}' returned a {type(values).__name__} of shape "
+                              f"{list(values.shape)}; it must hold one value per completion ({n}), e.g. "
+                              "values.reshape(-1).")
         values = values.tolist()
+    elif not isinstance(values, (list, tuple, str, bytes, dict)) and hasattr(values, "__iter__"):
+        values = list(values)  # a generator or another iterable, as TRL accepts
     if not isinstance(values, (list, tuple)):
         raise RewardError(f"reward function '{name}' returned {type(values).__name__}; it must return a list of "
                           f"{n} floats (None for 'not applicable').")
@@ -231,16 +294,18 @@ def _check_output(name: str, values: Any, n: int) -> list[float]:
             try:
                 v = float(v)  # numpy scalars, 0-d tensors
             except (TypeError, ValueError):
-                raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}; rewards must be numbers "
-                                  "or None.") from None
+                raise RewardError(f"reward function '{name}' returned {v!r:.80} for sample {i}; rewards must be "
+                                  "numbers or None.") from None
+        try:
+            v = float(v)
+        except OverflowError:
+            raise RewardError(f"reward function '{name}' returned an integer too large for a float for sample {i}; "
+                              "rewards must be finite numbers.") from None
         if not math.isfinite(v):
             raise RewardError(f"reward function '{name}' returned {v} for sample {i}; rewards must be finite "
                               "(use None for 'not applicable').")
-        out.append(float(v))
-    if out and all(math.isnan(v) for v in out):
-        raise RewardError(f"reward function '{name}' returned None for every sample; at least one value must be a "
-                          "number (None means 'not applicable').")
-    return out
+        out.append(v)
+    return out  # all None is fine: a function that does not apply to any of this batch's samples (multi-task)
 
 
 def _describe_sample(kwargs: dict, i: int | None) -> str:
@@ -251,11 +316,15 @@ def _describe_sample(kwargs: dict, i: int | None) -> str:
     return f" on sample {i} (completion {text[:80]!r}{'...' if len(text) > 80 else ''})"
 
 
-def _locate_failure(func: RewardFunction, kwargs: dict, n: int) -> int | None:
-    """Find the first sample on which a synchronous function raises, by calling it one sample at a time."""
+def _locate_failure(func: RewardFunction, kwargs: dict, n: int, budget_s: float = 10.0) -> int | None:
+    """Find the first sample on which a synchronous function raises, by calling it one sample at a time (at most
+    `budget_s` seconds of such calls: each repeats the function's side effects, e.g. a paid API call)."""
     if func.is_async:
         return None
+    start = time.perf_counter()
     for i in range(n):
+        if time.perf_counter() - start > budget_s:
+            return None
         one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
         try:
             func.fn(**one)
@@ -264,22 +333,74 @@ def _locate_failure(func: RewardFunction, kwargs: dict, n: int) -> int | None:
     return None
 
 
-def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | None = None,
-          on_error: str = "raise") -> tuple[torch.Tensor, int]:
-    """Call every reward function on the batch described by `kwargs`.
+_LOOP: asyncio.AbstractEventLoop | None = None
 
-    returns: (rewards [n, F] float32 with NaN for None, number of failed calls scored 0)
-    """
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One event loop for every async reward call of the process, in a daemon thread (as TRL's): clients made once
+    (httpx.AsyncClient, AsyncOpenAI) stay bound to a live loop, and a caller's own running loop (Jupyter,
+    asyncio.run(main())) is not in the way."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed() or not _LOOP.is_running():
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="fastgrpo-async-rewards", daemon=True).start()
+    return _LOOP
+
+
+def _run_async(funcs: list[RewardFunction], kwargs: dict, timeout: float | None) -> list[Any]:
+    """The async functions' results (or exceptions), run concurrently on the shared loop."""
+    global _LOOP
+
+    async def _all():
+        coros = [asyncio.wait_for(f.fn(**kwargs), timeout) for f in funcs]
+        return await asyncio.gather(*coros, return_exceptions=True)
+
+    future = asyncio.run_coroutine_threadsafe(_all(), _event_loop())
+    try:
+        return future.result(None if timeout is None else timeout + 10.0)
+    except concurrent.futures.TimeoutError:
+        _LOOP = None  # that loop is blocked; the next call starts another
+        raise RewardError(f"async reward functions ({', '.join(f.name for f in funcs)}) did not finish within "
+                          f"reward_timeout={timeout}s + 10 s and do not yield to the event loop: one blocks it (e.g. "
+                          "time.sleep or a blocking client inside async def). Use await asyncio.sleep / an async "
+                          "client, or make the function synchronous.") from None
+
+
+def _on_zero(f: RewardFunction, error: BaseException) -> None:
+    """reward_error='zero': say so at the first failure of each function, then at 10, 100, 1000, ... failures."""
+    f.failures += 1
+    if f.failures == 1 or math.log10(f.failures).is_integer():
+        log.warning("reward function '%s' failed (%s: %s) and was scored 0 (reward_error='zero'); %d failed "
+                    "call(s) so far.", f.name, type(error).__name__, str(error)[:300], f.failures)
+
+
+def _hint(error: BaseException) -> str:
+    if isinstance(error, TypeError) and "argument" in str(error):
+        return (" Its signature must take the dataset's columns as keyword arguments: def f(prompts, completions, "
+                "**kwargs).")
+    return ""
+
+
+@dataclass(slots=True)
+class Scores:
+    rewards: torch.Tensor                            # [n, F] float32, NaN where a function returned None
+    failures: int = 0                                # calls scored 0 under reward_error="zero"
+    metrics: dict[str, float] = field(default_factory=dict)  # log_metric(name, value) calls, averaged per name
+
+
+def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | None = None,
+          on_error: str = "raise") -> Scores:
+    """Call every reward function on the batch described by `kwargs` (plus TRL's `log_metric(name, value)` and
+    `log_extra(column, values)`; fastgrpo keeps no completions table, so log_extra's columns are not kept)."""
     out = torch.full((n, len(funcs)), math.nan)
     failures = 0
+    logged: dict[str, list[float]] = {}
+    kwargs = {**kwargs, "log_metric": lambda name, value: logged.setdefault(str(name), []).append(float(value)),
+              "log_extra": lambda column, values: None}
     results: dict[int, Any] = {}
     async_idx = [j for j, f in enumerate(funcs) if f.is_async]
     if async_idx:
-        async def _all():
-            coros = [asyncio.wait_for(funcs[j].fn(**kwargs), timeout) for j in async_idx]
-            return await asyncio.gather(*coros, return_exceptions=True)
-        for j, r in zip(async_idx, asyncio.run(_all())):
-            results[j] = r
+        results.update(zip(async_idx, _run_async([funcs[j] for j in async_idx], kwargs, timeout)))
     for j, f in enumerate(funcs):
         if f.is_async:
             continue
@@ -295,13 +416,19 @@ def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | No
             if on_error == "zero":
                 out[:, j] = 0.0
                 failures += 1
+                _on_zero(f, r)
                 continue
             if isinstance(r, _TimedOut) or (f.is_async and timeout and isinstance(r, asyncio.TimeoutError)):
                 raise RewardError(f"reward function '{f.name}' took longer than reward_timeout={timeout}s on a batch "
                                   f"of {n} completions. Make it faster, raise reward_timeout, or set "
                                   "reward_error='zero' to score calls that time out 0.") from r
-            where = _describe_sample(kwargs, _locate_failure(f, kwargs, n))
-            raise RewardError(f"reward function '{f.name}' raised {type(r).__name__}: {r}{where}. "
+            where = _describe_sample(kwargs, _locate_failure(f, kwargs, n, min(timeout or 10.0, 10.0)))
+            raise RewardError(f"reward function '{f.name}' raised {type(r).__name__}: {r}{where}.{_hint(r)} "
                               "Fix the function, or set reward_error='zero' to score failures 0.") from r
         out[:, j] = torch.tensor(_check_output(f.name, r, n))
-    return out, failures
+    unscored = int(torch.isnan(out).all(dim=1).sum())
+    if unscored:
+        warnings.warn("every reward function returned None for some completions; they get reward NaN (left out of "
+                      "their group's statistics) and advantage 0. Make at least one function score each sample.",
+                      stacklevel=2)
+    return Scores(out, failures, {k: sum(v) / len(v) for k, v in logged.items() if v})

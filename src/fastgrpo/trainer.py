@@ -9,8 +9,10 @@ from a checkpoint when asked, and hands a `Run` to the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import logging
+import math
 import os
 import sys
 import warnings
@@ -28,7 +30,7 @@ from .loss import LossParams
 from .metrics import MetricsSink
 from .modeling import base_model
 from .optim import make_optimizer, make_scheduler
-from .rewards import RewardError, resolve_reward, score
+from .rewards import RewardError, check_signature, resolve_reward, score
 from .rollout import SamplingParams, make_generator
 from .script_api import ScriptAPI
 
@@ -120,12 +122,25 @@ class GRPOTrainer(ScriptAPI):
             raise DataError("train_dataset is required.")
         train_rows = validate_dataset(train_dataset)  # dataset and model path fail before anything is loaded
         eval_rows = validate_dataset(eval_dataset, what="eval_dataset") if eval_dataset is not None else None
+        columns = list(dict.fromkeys(k for row in train_rows + (eval_rows or []) for k in row))
+        for f in self.reward_funcs:
+            check_signature(f, [c for c in columns if c != "prompt"])
+        if eval_rows is None and args.eval_strategy not in ("no", None):
+            raise ConfigError(f"eval_strategy={args.eval_strategy!r} needs an eval_dataset. Fix: pass "
+                              "eval_dataset=... to GRPOTrainer, or set eval_strategy='no'.")
         _check_model_path(model)
 
         self.model_path = model if isinstance(model, str) else None
         self.processing_class = processing_class or _load_tokenizer(model)
         tok = self.processing_class
+        if not callable(getattr(tok, "batch_decode", None)):
+            raise ConfigError(f"processing_class must be a tokenizer (e.g. AutoTokenizer.from_pretrained(path)), got "
+                              f"{type(tok).__name__} {tok!r:.80}.")
         if tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise ConfigError("the tokenizer has neither a pad token nor an EOS token. Fix: set one, e.g. "
+                                  "tokenizer.pad_token = tokenizer.eos_token = '<|endoftext|>' (a token of its "
+                                  "vocabulary), and pass it as processing_class.")
             tok.pad_token = tok.eos_token
         self.train_prompts = prepare_prompts(train_rows, tok, args.max_prompt_length,
                                              chat_template_kwargs=args.chat_template_kwargs)
@@ -164,10 +179,13 @@ class GRPOTrainer(ScriptAPI):
         self.eos_ids = _eos_ids(tok, self.model)
         self.state = ckpt.TrainerState(model_signature=ckpt.model_signature(self.model))
         self._generator = None
+        self._last_saved: int | None = None  # the step of the latest checkpoint this trainer wrote
 
     # ------------------------------------------------------------------------------------------- public API
     def train(self, resume_from_checkpoint: str | bool | None = None, **unused) -> TrainOutput:
         args = self.args
+        if self.dist.is_main:
+            _check_output_dir(args.output_dir)
         resume = ckpt.resolve_resume(resume_from_checkpoint if resume_from_checkpoint is not None
                                      else args.resume_from_checkpoint, args.output_dir)
         total = args.max_steps if args.max_steps > 0 else (
@@ -187,7 +205,9 @@ class GRPOTrainer(ScriptAPI):
             generator.update_weights(self.model)
         sink = MetricsSink(args.output_dir, args.reporters, args.project, args.run_name, args.trackio_space_id,
                            args.to_dict(), total, self.state.global_step, not args.disable_tqdm, self.dist.is_main)
-        run = Run(config=args, plan=self.plan, model=self.model, ref_model=self.ref_model, tokenizer=self.processing_class,
+        self._last_saved = self.state.global_step if resume else None
+        _warn_of_later_checkpoints(args.output_dir, self.state.global_step)
+        run = Run(config=_steps_from_fractions(args, total), plan=self.plan, model=self.model, ref_model=self.ref_model, tokenizer=self.processing_class,
                   optimizer=optimizer, scheduler=scheduler, generator=generator, stream=stream,
                   reward_funcs=self.reward_funcs, reward_weights=self.reward_weights, sampling=self._sampling(),
                   loss_params=LossParams(args.loss_type, args.importance_sampling_level, args.epsilon_low,
@@ -210,9 +230,10 @@ class GRPOTrainer(ScriptAPI):
         except (TrainingStopped, KeyboardInterrupt):
             raise
         except Exception as e:
-            if getattr(e, "resumable", False):
+            if getattr(e, "resumable", False) and self.state.global_step > 0:  # at step 0 there is nothing to keep
                 # Other ranks may be elsewhere in the step (a generation error is per rank): save without collectives
-                path = self._save_checkpoint(run, collective=False)
+                path = (os.path.join(args.output_dir, f"checkpoint-{self.state.global_step}")
+                        if self._last_saved == self.state.global_step else self._save_checkpoint(run, collective=False))
                 if path is None:
                     prev = ckpt.list_checkpoints(args.output_dir)
                     raise TrainingStopped(f"{e} Under FSDP2 a checkpoint needs every rank, so none was saved now; resume "
@@ -224,8 +245,8 @@ class GRPOTrainer(ScriptAPI):
             raise
         finally:
             sink.close()
-        if args.save_strategy != "no" and self.state.global_step % max(int(args.save_steps), 1) != 0:
-            self._save_checkpoint(run)
+        if args.save_strategy != "no" and self._last_saved != self.state.global_step:
+            self._save_checkpoint(run)  # the final state, whatever save_strategy's schedule was
         final = {k: round(v, 6) for k, v in out.items()}
         self.state.log_history.append({**final, "step": self.state.global_step, "epoch": self.state.epoch})
         if args.push_to_hub:
@@ -236,7 +257,8 @@ class GRPOTrainer(ScriptAPI):
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, **unused) -> dict[str, float]:
         """Mean of every reward function on the eval prompts (num_generations_eval samples each)."""
-        prompts = (prepare_prompts(eval_dataset, self.processing_class, self.args.max_prompt_length, what="eval_dataset")
+        prompts = (prepare_prompts(eval_dataset, self.processing_class, self.args.max_prompt_length, what="eval_dataset",
+                                   chat_template_kwargs=self.args.chat_template_kwargs)
                    if eval_dataset is not None else self.eval_prompts)
         if prompts is None:
             raise DataError("evaluate() needs an eval_dataset (pass it to GRPOTrainer or to evaluate()).")
@@ -377,6 +399,7 @@ class GRPOTrainer(ScriptAPI):
             model_state, optim_state = ckpt.full_state(self.model, None if self.args.save_only_model else run.optimizer)
         if collective:
             rng_ranks = ckpt.rng_states_of_ranks()
+        self._last_saved = st.global_step
         if not self.dist.is_main:
             return os.path.join(self.args.output_dir, f"checkpoint-{st.global_step}")
         try:
@@ -394,6 +417,33 @@ class GRPOTrainer(ScriptAPI):
                 "with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).") from e
 
 
+def _steps_from_fractions(args: GRPOConfig, total: int) -> GRPOConfig:
+    """save_steps, logging_steps, eval_steps below 1 are fractions of the run's steps (as in transformers)."""
+    frac = {k: max(1, math.ceil(v * total)) for k in ("save_steps", "logging_steps", "eval_steps")
+            if isinstance(v := getattr(args, k), float) and 0 < v < 1}
+    return dataclasses.replace(args, **frac) if frac else args
+
+
+def _check_output_dir(path: str) -> None:
+    """Fail before the first step, not at the first metric or checkpoint, when output_dir cannot hold them."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir={path!r} cannot be created ({e.strerror or e}). Fix: choose a folder you can "
+                          "write to.") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={path!r} is not writable. Fix: choose a folder you can write to.")
+
+
+def _warn_of_later_checkpoints(output_dir: str, step: int) -> None:
+    later = [c for c in ckpt.list_checkpoints(output_dir) if ckpt.checkpoint_step(c) > step]
+    if later:
+        log.warning("%s already holds %s, beyond this run's start (step %d): left by another run? They are kept out "
+                    "of save_total_limit's rotation, but resume_from_checkpoint=True picks the highest-numbered "
+                    "checkpoint. Use a fresh output_dir, or resume by path.", output_dir,
+                    ", ".join(os.path.basename(c) for c in later), step)
+
+
 def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: SamplingParams, batch_prompts: int,
                      config) -> dict[str, float]:
     from .batch import _decode_kwargs
@@ -406,7 +456,7 @@ def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: Samp
         generator.wake()
         gen = generator.generate([p.ids for p in chunk], sampling)
         kwargs, n = _decode_kwargs(chunk, gen, tokenizer, sampling.n)
-        per_func, _ = score(reward_funcs, kwargs, n, config.reward_timeout, config.reward_error)
+        per_func = score(reward_funcs, kwargs, n, config.reward_timeout, config.reward_error).rewards
         valid = ~per_func.isnan()
         sums += torch.nan_to_num(per_func).sum(0)
         counts += valid.sum(0)
