@@ -76,3 +76,20 @@ def test_the_step_that_stops_a_run_for_non_finite_values_is_logged(tmp_path):
         trainer.train()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "grad_norm" in r] == [1, 2]
+
+
+def test_a_stop_under_save_only_model_leaves_a_checkpoint_that_resumes(tmp_path):
+    calls = []
+
+    def grader(completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConnectionError("grader API down")
+        return [1.0] * len(completions)
+
+    with pytest.raises(TrainingStopped, match="checkpoint-2"):
+        _trainer(tmp_path, reward=grader, max_steps=6, save_strategy="steps", save_steps=2,
+                 save_only_model=True).train()
+    assert (tmp_path / "checkpoint-2" / "training_state.pt").is_file()
+    out = _trainer(tmp_path, max_steps=3, save_strategy="no").train(resume_from_checkpoint=True)
+    assert out.global_step == 3

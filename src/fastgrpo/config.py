@@ -169,7 +169,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     save_strategy: str = _f("steps", "When to write checkpoints.", STRATEGIES)
     save_steps: float = _f(500, "Checkpoint every this many optimizer steps (save_strategy='steps').")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
-    save_only_model: bool = _f(False, "Leave optimizer and RNG state out of checkpoints (then they cannot resume exactly).")
+    save_only_model: bool = _f(False, "Leave optimizer, scheduler and RNG state out of scheduled checkpoints: they hold weights only and cannot resume a run. The checkpoint written when a run stops (SIGINT/SIGTERM, non-finite updates, a failed reward or server) keeps them, so that it can.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from; True takes the newest in output_dir.")
     push_to_hub: bool = _f(False, "Push the final model to the Hub after training; a failed push never fails the run.")
     hub_model_id: str | None = _f(None, "Repository for push_to_hub; defaults to the output folder's name.")

@@ -68,7 +68,7 @@ class Run:
     device: torch.device
     pad_id: int
     autocast: Callable
-    save: Callable[[], str]
+    save: Callable[..., str]  # save(full=False); full: with the training state even under save_only_model
     evaluate: Callable[[], dict] | None = None
     token_budget: int | None = None
     epochs_done: int = 0
@@ -274,7 +274,7 @@ def train_loop(run: Run) -> dict[str, float]:
                 run.generator.update_weights(run.model)
             _agree_on_stop(run)
             if save_due or run.stop_signal:
-                path = run.save()
+                path = run.save(full=bool(run.stop_signal))  # a stop's checkpoint must be able to resume
             if run.stop_signal:
                 raise TrainingStopped(f"stopped by {run.stop_signal[0]} at step {state.global_step}; checkpoint saved "
                                       f"to {path}. Resume with resume_from_checkpoint=True (CLI: --resume_from_checkpoint true).",
@@ -322,7 +322,7 @@ def _check_finite(run: Run, ok: bool, sums: dict, grad_norm: float) -> None:
     warnings.warn(f"step {st.global_step}: non-finite loss or gradient ({what}); update skipped "
                   f"({st.consecutive_nonfinite} in a row, {st.skipped_updates} in this run).")
     if st.consecutive_nonfinite >= run.config.max_consecutive_nonfinite:
-        path = run.save()
+        path = run.save(full=True)
         raise TrainingStopped(f"{st.consecutive_nonfinite} consecutive updates had a non-finite loss or gradient "
                               f"(last: {what}; {st.skipped_updates} skipped in this run, weights untouched by them). "
                               f"Checkpoint saved to {path}. Lower the learning rate, check reward functions for extreme "

@@ -224,7 +224,7 @@ class GRPOTrainer(ScriptAPI):
             ev = run.evaluate()
             self.state.log_history.append({**ev, "step": 0})
             sink.write(0, ev)
-        run.save = lambda: self._save_checkpoint(run)
+        run.save = lambda full=False: self._save_checkpoint(run, full=full)
         try:
             out = train_loop(run)
         except (TrainingStopped, KeyboardInterrupt):
@@ -233,7 +233,8 @@ class GRPOTrainer(ScriptAPI):
             if getattr(e, "resumable", False) and self.state.global_step > 0:  # at step 0 there is nothing to keep
                 # Other ranks may be elsewhere in the step (a generation error is per rank): save without collectives
                 path = (os.path.join(args.output_dir, f"checkpoint-{self.state.global_step}")
-                        if self._last_saved == self.state.global_step else self._save_checkpoint(run, collective=False))
+                        if self._last_saved == self.state.global_step and not args.save_only_model
+                        else self._save_checkpoint(run, collective=False, full=True))
                 if path is None:
                     prev = ckpt.list_checkpoints(args.output_dir)
                     raise TrainingStopped(f"{e} Under FSDP2 a checkpoint needs every rank, so none was saved now; resume "
@@ -385,10 +386,12 @@ class GRPOTrainer(ScriptAPI):
         barrier(self.dist)
         return path
 
-    def _save_checkpoint(self, run: Run, collective: bool = True) -> str | None:
+    def _save_checkpoint(self, run: Run, collective: bool = True, full: bool = False) -> str | None:
         """Every rank calls it at the same point (`collective`): under FSDP2 the full weights and optimizer state
         are gathered, and every rank's RNG state is kept. Without `collective` only rank 0's RNG is kept, and under
-        FSDP2 nothing can be saved (None)."""
+        FSDP2 nothing can be saved (None). `full`: with the optimizer, scheduler and RNG state even under
+        save_only_model (the checkpoint of a stop, which the stop's message says to resume from)."""
+        weights_only = self.args.save_only_model and not full
         st = self.state
         mark = run.stream_mark or run.stream.state
         st.stream_epoch, st.stream_offset = mark.epoch, mark.offset
@@ -396,7 +399,7 @@ class GRPOTrainer(ScriptAPI):
         if self.fsdp:
             if not collective:
                 return None
-            model_state, optim_state = ckpt.full_state(self.model, None if self.args.save_only_model else run.optimizer)
+            model_state, optim_state = ckpt.full_state(self.model, None if weights_only else run.optimizer)
         if collective:
             rng_ranks = ckpt.rng_states_of_ranks()
         self._last_saved = st.global_step
@@ -404,7 +407,7 @@ class GRPOTrainer(ScriptAPI):
             return os.path.join(self.args.output_dir, f"checkpoint-{st.global_step}")
         try:
             return ckpt.save_checkpoint(self.args.output_dir, st, self.model, self.processing_class, run.optimizer,
-                                        run.scheduler, self.args.to_dict(), self.args.save_only_model,
+                                        run.scheduler, self.args.to_dict(), weights_only,
                                         self.args.save_total_limit, model_state, optim_state, rng_ranks)
         except Exception as e:  # noqa: BLE001 - safetensors and torch.save wrap OSError in their own types
             prev = ckpt.list_checkpoints(self.args.output_dir)
