@@ -181,3 +181,51 @@ def test_a_signature_error_at_the_call_gets_the_signature_hint():
 
     with pytest.raises(RewardError, match="def f\\(prompts, completions, \\*\\*kwargs\\)"):
         score([resolve_reward(picky)], _batch(), 4)
+
+
+def test_a_loaded_reward_model_with_its_processing_class(tok, tmp_path):
+    """TRL takes reward models as objects with reward_processing_classes; the model scores, the run trains."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    rm = Qwen2ForSequenceClassification(cfg)
+    f = resolve_reward(rm, tokenizer=tok)
+    out = score([f], {"prompts": ["1+1="] * 2, "completions": ["2", "3"], "completion_ids": [[1], [1]],
+                      "trainer_state": None}, 2).rewards
+    assert out.shape == (2, 1) and out[0, 0] != out[1, 0]
+    with pytest.raises(RewardError, match="without its tokenizer.*reward_processing_classes"):
+        resolve_reward(Qwen2ForSequenceClassification(cfg))
+    with pytest.raises(RewardError, match="not a sequence-classification model"):
+        resolve_reward(build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64))
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    with pytest.raises(ConfigError, match="reward_processing_classes has 1 entries for 2 reward functions"):
+        GRPOTrainer(model, [reward_len, rm], args=GRPOConfig(output_dir=str(tmp_path), **SMALL), train_dataset=ROWS,
+                    processing_class=tok, reward_processing_classes=[tok])
+    t = GRPOTrainer(model, [reward_len, rm], args=GRPOConfig(output_dir=str(tmp_path), **SMALL), train_dataset=ROWS,
+                    processing_class=tok, reward_processing_classes=[None, tok])
+    assert t.train().global_step == 1
+
+
+def test_a_scripts_own_optimizer_is_used_and_checked(tok, tmp_path):
+    import torch
+
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    GRPOTrainer(model, reward_len, args=GRPOConfig(output_dir=str(tmp_path), learning_rate=1e-2, **SMALL),
+                train_dataset=ROWS, processing_class=tok, optimizers=(frozen, None)).train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # lr 0: the script's SGD ran
+    from peft import LoraConfig
+
+    lora = GRPOTrainer(build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_len,
+                       args=GRPOConfig(output_dir=str(tmp_path), **SMALL), train_dataset=ROWS, processing_class=tok,
+                       peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+                       optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ConfigError, match="does not hold exactly the parameters that train"):
+        lora.train()
+    with pytest.raises(ConfigError, match="peft_config must be a peft config"):
+        GRPOTrainer(model, reward_len, args=GRPOConfig(output_dir=str(tmp_path), **SMALL), train_dataset=ROWS,
+                    processing_class=tok, peft_config={"r": 8})

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -54,6 +54,9 @@ def _apply_overrides(values: dict, overrides: list[str]) -> dict:
     while i < len(overrides):
         arg = overrides[i]
         if not arg.startswith("--"):
+            if arg.endswith((".yaml", ".yml")):
+                raise ConfigError(f"unexpected argument {arg!r}: put the config file first, "
+                                  f"fastgrpo train {arg} --field value ...")
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --field value.")
         key, eq, val = arg[2:].partition("=")
         if not eq:
@@ -96,6 +99,8 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
                 values = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path!r} cannot be read as YAML text ({type(e).__name__}: {e}).") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -120,11 +125,35 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
             hint = closest_name(key, DATASET_KEYS)
             raise ConfigError(f"dataset: unknown key '{key}' (allowed: {', '.join(DATASET_KEYS)})."
                               + (f" Did you mean '{hint}'?" if hint else ""))
+    if not isinstance(ds, dict):
+        raise ConfigError(f"dataset must be a path or a mapping such as {{path: data.jsonl, prompt_column: problem}}, "
+                          f"got {ds!r}.")
     rewards = spec_values.get("rewards", ["format", "accuracy"])
     if isinstance(rewards, str):
         rewards = [rewards]
+    if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards):
+        raise ConfigError(f"rewards must be a list of names (format, accuracy, module:function or a reward-model "
+                          f"folder), got {rewards!r}; weights go in reward_weights.")
+    _check_peft(spec_values.get("peft"))
     spec = RunSpec(model=str(spec_values["model"]), dataset=ds, rewards=list(rewards), peft=spec_values.get("peft"))
     return GRPOConfig(**values), spec
+
+
+def _check_peft(peft: Any) -> None:
+    """peft: a mapping of LoraConfig's arguments (task_type is set by fastgrpo)."""
+    if peft is None or peft is False:
+        return
+    if not isinstance(peft, dict):
+        raise ConfigError(f"peft must be a mapping of LoraConfig arguments, e.g. {{r: 8, lora_alpha: 32, "
+                          f"target_modules: [q_proj, v_proj]}}, got {peft!r}.")
+    from peft import LoraConfig
+
+    known = [f.name for f in dataclasses.fields(LoraConfig) if f.name != "task_type"]
+    for key in peft:
+        if key not in known:
+            hint = closest_name(str(key), known)
+            raise ConfigError(f"peft: unknown LoraConfig argument '{key}'." + (f" Did you mean '{hint}'?" if hint else "")
+                              + (" (task_type is always CAUSAL_LM)" if key == "task_type" else ""))
 
 
 def build_dataset(spec: RunSpec, split_key: str = "split"):
@@ -181,17 +210,31 @@ def _fields_help() -> str:
     return "\n".join(lines)
 
 
+def _set_up(build: Callable[[], Any]) -> Any:
+    """Run the set-up (config, dataset, model, rewards): an error from a library underneath (datasets, peft, a
+    missing file) becomes a one-line ConfigError with its type, not a traceback."""
+    try:
+        return build()
+    except Exception as e:
+        if type(e).__module__.startswith("fastgrpo"):
+            raise
+        raise ConfigError(f"setting up the run failed: {type(e).__name__}: {str(e)[:500]}") from e
+
+
 def cmd_train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fastgrpo train", description="Train with GRPO from a YAML run config.",
-                                epilog="Any GRPOConfig field can follow as --field value. --help-fields lists them.")
-    p.add_argument("config", nargs="?", help="YAML run config (see examples/recipe.yaml)")
+                                usage="fastgrpo train [CONFIG.yaml] [--field value ...]",
+                                epilog="Any GRPOConfig field can follow as --field value (also model, dataset, rewards, "
+                                       "peft without a config file). --help-fields lists them.")
     p.add_argument("--help-fields", action="store_true", help="list every GRPOConfig field and exit")
     args, rest = p.parse_known_args(argv)
     if args.help_fields:
         print(_fields_help())
         return 0
-    config, spec = load_run_config(args.config, rest)
-    trainer = build_trainer(config, spec)
+    # The config file, if any, comes first; everything else is --field value pairs.
+    path = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    config, spec = _set_up(lambda: load_run_config(path, rest))
+    trainer = _set_up(lambda: build_trainer(config, spec))
     out = trainer.train()
     trainer.save_model(config.output_dir)
     print(json.dumps(out))
@@ -204,7 +247,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="the run config that names the dataset and rewards")
     p.add_argument("--split", default=None, help="dataset split to evaluate (default: the config's eval_split or 'test')")
     args, rest = p.parse_known_args(argv)
-    config, spec = load_run_config(args.config, rest)
+    config, spec = _set_up(lambda: load_run_config(args.config, rest))
     import os
 
     if os.path.isfile(os.path.join(args.model, "adapter_config.json")):
@@ -216,7 +259,7 @@ def cmd_eval(argv: list[str]) -> int:
         spec.model = args.model
     if args.split:
         spec.dataset["eval_split"] = args.split
-    trainer = build_trainer(config, spec, eval_split=True)
+    trainer = _set_up(lambda: build_trainer(config, spec, eval_split=True))
     metrics = trainer.evaluate()
     print(json.dumps(metrics, indent=1))
     return 0

@@ -371,7 +371,8 @@ def _is_number(text: str) -> bool:
 
 #: Types a field takes beyond its annotation. The annotations stay in the one-type-or-None forms that argument
 #: parsers built from dataclasses (transformers' HfArgumentParser, TRL's TrlParser) can turn into options.
-_ALSO_ACCEPTS = {"resume_from_checkpoint": ["bool"], "scale_rewards": ["bool"]}
+_ALSO_ACCEPTS = {"resume_from_checkpoint": ["bool"], "scale_rewards": ["bool"],
+                 "save_strategy": ["bool"], "eval_strategy": ["bool"]}  # YAML's bare `no` is False
 
 
 def _check_types(c: GRPOConfig) -> None:
@@ -402,7 +403,10 @@ def _check_types(c: GRPOConfig) -> None:
 
 
 def _fsdp_options(value: str | list[str]) -> list[str]:
-    return value.split() if isinstance(value, str) else list(value)
+    """Options from 'full_shard auto_wrap' or a list, whose items may hold several (argument parsers give
+    ['full_shard auto_wrap'] for --fsdp "full_shard auto_wrap")."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [o for item in items for o in (item.split() if isinstance(item, str) else [item])]
 
 
 def _check_fsdp(c: GRPOConfig) -> None:
@@ -474,6 +478,31 @@ def _check_liger(c: GRPOConfig) -> None:
             raise ConfigError(f"liger_kernel_config[{key!r}] must be true or false, got {on!r}.")
 
 
+#: generation_kwargs keys that the trainer sets from its own fields: a second value would contradict them.
+_GENERATION_OWNED = {"max_tokens": "max_completion_length", "max_new_tokens": "max_completion_length",
+                     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "n": "num_generations",
+                     "num_return_sequences": "num_generations", "do_sample": "temperature (0 means greedy)",
+                     "logprobs": "vllm_importance_sampling_correction", "eos_token_id": "the tokenizer's EOS",
+                     "pad_token_id": "the tokenizer's pad token", "seed": "seed"}
+
+
+def _check_generation_kwargs(c: GRPOConfig) -> None:
+    for key in c.generation_kwargs or {}:  # a dict or None: _mapping ran first
+        if key in _GENERATION_OWNED:
+            raise ConfigError(f"generation_kwargs[{key!r}]: the trainer sets it from {_GENERATION_OWNED[key]}. Fix: "
+                              "set that field instead and drop the key.")
+    if c.generation_kwargs and not c.use_vllm:
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict())
+        for key in c.generation_kwargs:
+            if key not in known:
+                alt = {"min_tokens": "min_new_tokens", "stop": "stop_strings"}.get(key) or closest_name(key, known)
+                raise ConfigError(f"generation_kwargs[{key!r}] is not an argument of transformers' generate (the "
+                                  "use_vllm=False backend)." + (f" Did you mean '{alt}'?" if alt else ""))
+
+
 def _check_engine_env(c: GRPOConfig) -> None:
     """vllm_engine_env: names of environment variables to text; numbers are written as text, anything else is an
     error (os.environ holds text only)."""
@@ -496,10 +525,20 @@ def _validate(c: GRPOConfig) -> None:
         c.scale_rewards = "group"
     elif c.scale_rewards is False:
         c.scale_rewards = "none"
+    for name in ("save_strategy", "eval_strategy"):  # YAML reads a bare `no` as False
+        if getattr(c, name) is False:
+            setattr(c, name, "no")
+        elif getattr(c, name) is True:
+            raise ConfigError(f"{name}=True: write one of {STRATEGIES} (quoted in YAML: '{name}: \"steps\"').")
+    if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.strip().lower() in ("true", "false"):
+        c.resume_from_checkpoint = c.resume_from_checkpoint.strip().lower() == "true"  # from argument parsers
+    if isinstance(c.vllm_kv_cache_memory_bytes, str) and c.vllm_kv_cache_memory_bytes.strip().lower() == "none":
+        c.vllm_kv_cache_memory_bytes = None
     for name, allowed in [("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
                           ("importance_sampling_level", IS_LEVELS), ("vllm_mode", VLLM_MODES),
                           ("vllm_importance_sampling_mode", IS_MODES), ("lr_scheduler_type", SCHEDULERS),
-                          ("save_strategy", STRATEGIES), ("eval_strategy", STRATEGIES), ("reward_error", REWARD_ERRORS)]:
+                          ("save_strategy", STRATEGIES), ("eval_strategy", STRATEGIES), ("reward_error", REWARD_ERRORS),
+                          ("vllm_model_impl", ("vllm", "transformers", "auto"))]:
         _choice(c, name, allowed)
     for r in c.reporters:
         if r not in REPORTERS:
@@ -525,6 +564,22 @@ def _validate(c: GRPOConfig) -> None:
                  "reward_timeout", "save_total_limit", "micro_batch_tokens", "torch_threads", "min_p",
                  "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_max"):
         positive(name)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(c, name)}.")
+    if c.adam_epsilon <= 0:
+        raise ConfigError(f"adam_epsilon must be > 0, got {c.adam_epsilon}.")
+    if c.min_p is not None and not 0 <= c.min_p <= 1:
+        raise ConfigError(f"min_p must be in [0, 1] (a share of the most likely token's probability), got {c.min_p}.")
+    if isinstance(c.seed, int) and not 0 <= c.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {c.seed}.")
+    lo, hi = c.vllm_importance_sampling_clip_min, c.vllm_importance_sampling_clip_max
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"vllm_importance_sampling_clip_min={lo} is above vllm_importance_sampling_clip_max={hi}.")
+    if not 0 < c.vllm_group_port < 65536:
+        raise ConfigError(f"vllm_group_port must be in 1..65535, got {c.vllm_group_port}.")
+    if c.vllm_max_model_length is not None and c.vllm_max_model_length <= 0:
+        raise ConfigError(f"vllm_max_model_length must be > 0, got {c.vllm_max_model_length}.")
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
     _check_compile(c)
@@ -533,6 +588,7 @@ def _validate(c: GRPOConfig) -> None:
             _mapping(c, name)
     _check_liger(c)
     _check_engine_env(c)
+    _check_generation_kwargs(c)
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")

@@ -54,8 +54,25 @@ def _check_messages(messages: list, row: int, what: str = "train_dataset") -> No
                             "(multimodal content lists are not supported).")
 
 
+def _split_of(splits: dict, split: str, where: str):
+    """`split` ('test', 'train[:10%]', 'train[10:20]', ...) of `splits` (name -> Dataset), as datasets reads it."""
+    from datasets.arrow_reader import ReadInstruction
+
+    try:
+        parts = ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()})
+    except (ValueError, AssertionError, KeyError) as e:
+        raise DataError(f"{where}: split {split!r} cannot be read here ({e}); its splits are {sorted(splits)} "
+                        "(slices such as 'train[:10%]' work).") from None
+    if len(parts) != 1:
+        raise DataError(f"{where}: split {split!r} combines several splits; give one.")
+    p = parts[0]
+    return splits[p.splitname].select(range(p.from_, p.to))
+
+
 def load_dataset_spec(path: str, split: str = "train", name: str | None = None, **kw):
-    """A dataset from a local file/folder (json, jsonl, csv, parquet) or a hub id, through `datasets`."""
+    """A dataset from a local file/folder (json, jsonl, csv, parquet) or a hub id, through `datasets`. A local file
+    or a saved Dataset has one split, 'train'; slices of it ('train[:90%]') work, other split names are an error
+    (a file never silently serves as its own test split)."""
     import os
 
     import datasets
@@ -63,15 +80,17 @@ def load_dataset_spec(path: str, split: str = "train", name: str | None = None, 
     if os.path.exists(path):
         if os.path.isdir(path):
             try:
-                return datasets.load_from_disk(path)[split] if os.path.exists(os.path.join(path, "dataset_dict.json")) \
-                    else datasets.load_from_disk(path)
+                saved = datasets.load_from_disk(path)
             except FileNotFoundError:
                 return datasets.load_dataset(path, name, split=split, **kw)
+            splits = dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+            return _split_of(splits, split, f"dataset folder {path!r}")
         ext = path.rsplit(".", 1)[-1].lower()
         kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow"}.get(ext)
         if kind is None:
             raise DataError(f"dataset file {path!r}: unsupported extension .{ext}; use jsonl, json, csv or parquet.")
-        return datasets.load_dataset(kind, data_files=path, split="train")
+        return _split_of({"train": datasets.load_dataset(kind, data_files=path, split="train")}, split,
+                         f"dataset file {path!r} (one split, 'train'; for a test split give another file)")
     return datasets.load_dataset(path, name, split=split, **kw)
 
 

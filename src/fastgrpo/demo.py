@@ -386,6 +386,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**QUICK)  # explicit options still win
     args = p.parse_args(argv)
+    for name, least in (("steps", 1), ("threads", 1), ("prompts", 1), ("generations", 2), ("warmup_steps", 0),
+                        ("eval_problems", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:  # checked now, not after minutes of warm-up
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return args

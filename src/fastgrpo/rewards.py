@@ -123,17 +123,27 @@ BUILTINS: dict[str, Callable] = {"format": format_reward, "format_reward": forma
 class RewardModel:
     """A sequence-classification model scoring prompt + completion; its first logit is the reward."""
 
-    def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+    def __init__(self, path: str | torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
+                 tokenizer=None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        if isinstance(path, torch.nn.Module):  # a loaded model, as TRL takes (with reward_processing_classes)
+            source = getattr(path.config, "_name_or_path", "") or None
+            if tokenizer is None and source is None:
+                raise RewardError(f"reward model {type(path).__name__} was given without its tokenizer. Fix: pass "
+                                  "reward_processing_classes=[tokenizer] (one per reward function), or its folder.")
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
+            self.model = path.to(device).eval()
+            self.__name__ = os.path.basename(os.path.normpath(source)) if source else type(path).__name__
+        else:
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            self.__name__ = os.path.basename(os.path.normpath(path))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = device
         self.batch_size = batch_size
-        self.__name__ = os.path.basename(os.path.normpath(path))
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
@@ -198,8 +208,14 @@ def check_signature(func: RewardFunction, columns: list[str]) -> None:
                               "the argument a default.")
 
 
-def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> RewardFunction:
-    """A callable, a built-in name, `module:function`, or a reward-model path."""
+def resolve_reward(spec: Any, device: str | torch.device = "cpu", tokenizer=None) -> RewardFunction:
+    """A callable, a built-in name, `module:function`, a reward-model path, or a loaded sequence-classification
+    model (`tokenizer`: its reward_processing_class)."""
+    if isinstance(spec, torch.nn.Module) and hasattr(spec, "config"):
+        if "SequenceClassification" not in type(spec).__name__:
+            raise RewardError(f"reward model {type(spec).__name__} is not a sequence-classification model; load it "
+                              "with AutoModelForSequenceClassification.")
+        return resolve_reward(RewardModel(spec, device, tokenizer=tokenizer))
     if callable(spec):
         return RewardFunction(_name(spec), spec, _is_async(spec))
     if isinstance(spec, str):

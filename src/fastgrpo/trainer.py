@@ -112,7 +112,19 @@ class GRPOTrainer(ScriptAPI):
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise RewardError("reward_funcs is empty: give at least one reward function.")
-        self.reward_funcs = [resolve_reward(f, self.device) for f in funcs]
+        procs = reward_processing_classes
+        procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs) if procs is not None else \
+            [None] * len(funcs)
+        if len(procs) != len(funcs):
+            raise ConfigError(f"reward_processing_classes has {len(procs)} entries for {len(funcs)} reward functions. "
+                              "Fix: one per reward function (None for plain functions), in the same order.")
+        self.reward_funcs = [resolve_reward(f, self.device, tokenizer=p) for f, p in zip(funcs, procs)]
+        opt, sched = optimizers if isinstance(optimizers, (list, tuple)) and len(optimizers) == 2 else (None, None)
+        if not isinstance(optimizers, (list, tuple)) or len(optimizers) != 2:
+            raise ConfigError(f"optimizers must be a pair (optimizer, lr_scheduler), either None; got {optimizers!r:.80}.")
+        if opt is not None and not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError(f"optimizers[0] must be a torch.optim.Optimizer, got {type(opt).__name__}.")
+        self._user_optim = (opt, sched)
         weights = args.reward_weights or [1.0] * len(funcs)
         if len(weights) != len(funcs):
             raise ConfigError(f"reward_weights has {len(weights)} values for {len(funcs)} reward functions. Fix: give "
@@ -149,7 +161,12 @@ class GRPOTrainer(ScriptAPI):
                              if eval_rows is not None else None)
         self.model = _load_model(model, args, self.bf16)
         if peft_config is not None:
-            from peft import get_peft_model
+            from peft import PeftConfig, get_peft_model
+
+            if not isinstance(peft_config, PeftConfig):
+                raise ConfigError(f"peft_config must be a peft config such as LoraConfig(r=8, lora_alpha=32, "
+                                  f"target_modules=['q_proj', 'v_proj']), got {type(peft_config).__name__} "
+                                  f"{peft_config!r:.80}.")
 
             if hasattr(self.model, "peft_config"):
                 raise ConfigError("the model is already a PeftModel; pass peft_config=None.")
@@ -192,8 +209,10 @@ class GRPOTrainer(ScriptAPI):
             rounds_for_epochs(len(self.train_prompts), args.num_train_epochs, self.plan.prompts_per_round)
             * self.plan.optimizer_steps_per_round)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, args)
-        scheduler = make_scheduler(optimizer, args, total)
+        optimizer = self._user_optim[0] or make_optimizer(trainable, args)
+        scheduler = self._user_optim[1] or make_scheduler(optimizer, args, total)
+        if self._user_optim[0] is not None:
+            _check_user_optimizer(optimizer, trainable, self.fsdp)
         stream = PromptStream(self.train_prompts, args.seed, args.shuffle_dataset)
         if resume:
             self.state = ckpt.load_checkpoint(resume, self.model, optimizer, scheduler, sharded=self.fsdp)
@@ -427,6 +446,19 @@ def _steps_from_fractions(args: GRPOConfig, total: int) -> GRPOConfig:
     return dataclasses.replace(args, **frac) if frac else args
 
 
+def _check_user_optimizer(optimizer, trainable: list, fsdp: bool) -> None:
+    """optimizers=(opt, ...) from a script: it must update exactly the parameters that train."""
+    if fsdp:
+        raise ConfigError("optimizers=(...) with FSDP2: the model is sharded after the optimizer was built, so it "
+                          "would update the unsharded tensors. Fix: leave optimizers unset (AdamW from learning_rate, "
+                          "adam_beta1/2, adam_epsilon, weight_decay).")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if held != {id(p) for p in trainable}:
+        raise ConfigError("optimizers[0] does not hold exactly the parameters that train (with peft_config, the "
+                          "trainer adds the LoRA weights after your optimizer was built). Fix: build it from "
+                          "trainer.model's trainable parameters, or leave optimizers unset.")
+
+
 def _check_output_dir(path: str) -> None:
     """Fail before the first step, not at the first metric or checkpoint, when output_dir cannot hold them."""
     try:
@@ -487,7 +519,12 @@ def _check_model_path(model: Any) -> None:
     """A local path that does not exist, or a folder that holds no model, fails here, before any loading. Names
     with at most one '/' that are not on disk are taken for hub ids."""
     if not isinstance(model, str):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ConfigError(f"model must be a hub id, a model folder or a loaded transformers model, got "
+                              f"{type(model).__name__} {model!r:.60}.")
         return
+    if not model.strip():
+        raise ConfigError("model is an empty string: pass a hub id or a model folder.")
     if os.path.isdir(model):
         if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
             raise ConfigError(f"model folder {model!r} holds no config.json: it is not a saved model. Fix: pass the "
