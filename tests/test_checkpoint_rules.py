@@ -52,15 +52,20 @@ def test_fractional_save_steps_are_a_share_of_the_run(tmp_path):
     assert _names(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
 
-def test_a_reward_that_raises_mid_run_leaves_a_checkpoint_of_the_last_step(tmp_path):
+def _failing_from_call(n: int):
+    """A reward function whose grader goes down at its n-th call (round n: n - 1 steps done)."""
     calls = []
 
     def grader(completions, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) >= n:
             raise ConnectionError("grader API down")
         return [1.0] * len(completions)
+    return grader
 
+
+def test_a_reward_that_raises_mid_run_leaves_a_checkpoint_of_the_last_step(tmp_path):
+    grader = _failing_from_call(3)
     with pytest.raises(TrainingStopped, match=r"'grader' raised ConnectionError: grader API down.*A checkpoint was "
                                               r"saved to .*checkpoint-2; resume with resume_from_checkpoint=True"):
         _trainer(tmp_path, reward=grader, max_steps=6, save_strategy="steps", save_steps=100).train()
@@ -79,14 +84,7 @@ def test_the_step_that_stops_a_run_for_non_finite_values_is_logged(tmp_path):
 
 
 def test_a_stop_under_save_only_model_leaves_a_checkpoint_that_resumes(tmp_path):
-    calls = []
-
-    def grader(completions, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise ConnectionError("grader API down")
-        return [1.0] * len(completions)
-
+    grader = _failing_from_call(3)
     with pytest.raises(TrainingStopped, match="checkpoint-2"):
         _trainer(tmp_path, reward=grader, max_steps=6, save_strategy="steps", save_steps=2,
                  save_only_model=True).train()
