@@ -91,3 +91,14 @@ def test_a_stop_under_save_only_model_leaves_a_checkpoint_that_resumes(tmp_path)
     assert (tmp_path / "checkpoint-2" / "training_state.pt").is_file()
     out = _trainer(tmp_path, max_steps=3, save_strategy="no").train(resume_from_checkpoint=True)
     assert out.global_step == 3
+
+
+def test_resuming_with_other_run_settings_says_which(tmp_path, caplog):
+    import logging
+
+    _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2).train()
+    with caplog.at_level(logging.WARNING, logger="fastgrpo"):
+        _trainer(tmp_path, max_steps=3, save_strategy="no", learning_rate=5e-6,
+                 num_generations=4).train(resume_from_checkpoint=True)
+    assert "settings other than checkpoint-2" in caplog.text
+    assert "num_generations 2 -> 4" in caplog.text and "learning_rate 1e-06 -> 5e-06" in caplog.text

@@ -101,3 +101,20 @@ def test_demo_checks_its_options_before_the_warm_up(args, capsys):
     with pytest.raises(SystemExit) as e:
         demo.parse_args(["--quick", *args])
     assert e.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"generation_batch_size": 16, "steps_per_generation": 4, "per_device_train_batch_size": 8}, "set one of them"),
+    ({"reward_weights": []}, "reward_weights=[] gives no weight"), ({"save_steps": 1.5}, "must be whole"),
+    ({"gradient_checkpointing_kwargs": '{"foo": 1}'}, "['foo'] not among torch.utils.checkpoint's arguments"),
+])
+def test_more_contradicting_settings(bad, words):
+    with pytest.raises(ConfigError, match=__import__("re").escape(words)):
+        cfg(**bad)
+
+
+def test_cli_rewards_as_a_mapping_carry_their_weights(run_yaml):
+    config, spec = cli.load_run_config(str(run_yaml), ["--rewards", "{format: 1.0, accuracy: 2.0}"])
+    assert spec.rewards == ["format", "accuracy"] and config.reward_weights == [1.0, 2.0]
+    with pytest.raises(ConfigError, match="give the weights once"):
+        cli.load_run_config(str(run_yaml), ["--rewards", "{format: 1.0}", "--reward_weights", "[1.0]"])

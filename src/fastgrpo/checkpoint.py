@@ -243,6 +243,24 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     return resume
 
 
+#: Settings whose change on resume makes the run another one than the checkpoint's (warned, not refused: a
+#: deliberate change, e.g. of the learning rate, is legitimate).
+RUN_SHAPING = ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+               "generation_batch_size", "num_iterations", "max_completion_length", "max_prompt_length",
+               "learning_rate", "lr_scheduler_type", "loss_type", "beta", "temperature", "seed", "scale_rewards")
+
+
+def config_changes(path: str, config_dict: dict) -> dict:
+    """Run-shaping settings of this run that differ from those the checkpoint at `path` was written with."""
+    try:
+        with open(os.path.join(path, "config.fastgrpo.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: (saved[k], config_dict[k]) for k in RUN_SHAPING
+            if k in saved and k in config_dict and saved[k] != json.loads(json.dumps(config_dict[k], default=str))}
+
+
 def _damaged(path: str, what: str, e: BaseException | None = None) -> CheckpointError:
     """The error for a checkpoint whose files cannot be read, naming an intact earlier one to resume from."""
     parent = os.path.dirname(os.path.normpath(path))

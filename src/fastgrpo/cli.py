@@ -131,6 +131,12 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
     rewards = spec_values.get("rewards", ["format", "accuracy"])
     if isinstance(rewards, str):
         rewards = [rewards]
+    if isinstance(rewards, dict):  # {format: 1.0, accuracy: 2.0}: names with their weights
+        if "reward_weights" in values:
+            raise ConfigError("rewards is a mapping of names to weights and reward_weights is set too; give the "
+                              "weights once.")
+        values["reward_weights"] = list(rewards.values())
+        rewards = list(rewards)
     if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards):
         raise ConfigError(f"rewards must be a list of names (format, accuracy, module:function or a reward-model "
                           f"folder), got {rewards!r}; weights go in reward_weights.")

@@ -271,6 +271,10 @@ class BatchPlan:
     def from_config(cls, c: GRPOConfig, world_size: int = 1) -> "BatchPlan":
         per_rank = c.per_device_train_batch_size
         spg = c.steps_per_generation or c.gradient_accumulation_steps
+        if c.generation_batch_size is not None and c.steps_per_generation is not None:
+            raise ConfigError(f"generation_batch_size={c.generation_batch_size} and steps_per_generation="
+                              f"{c.steps_per_generation} both size the generation round; set one of them (as TRL "
+                              "requires).")
         if c.generation_batch_size is not None:
             if c.generation_batch_size % (per_rank * world_size):
                 raise ConfigError(
@@ -478,6 +482,9 @@ def _check_liger(c: GRPOConfig) -> None:
             raise ConfigError(f"liger_kernel_config[{key!r}] must be true or false, got {on!r}.")
 
 
+#: Keyword arguments torch.utils.checkpoint.checkpoint takes (through gradient_checkpointing_enable).
+_CHECKPOINT_KWARGS = {"use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"}
+
 #: generation_kwargs keys that the trainer sets from its own fields: a second value would contradict them.
 _GENERATION_OWNED = {"max_tokens": "max_completion_length", "max_new_tokens": "max_completion_length",
                      "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -580,6 +587,11 @@ def _validate(c: GRPOConfig) -> None:
         raise ConfigError(f"vllm_group_port must be in 1..65535, got {c.vllm_group_port}.")
     if c.vllm_max_model_length is not None and c.vllm_max_model_length <= 0:
         raise ConfigError(f"vllm_max_model_length must be > 0, got {c.vllm_max_model_length}.")
+    for name in ("save_steps", "logging_steps", "eval_steps"):
+        v = getattr(c, name)
+        if isinstance(v, float) and v > 1 and not v.is_integer():
+            raise ConfigError(f"{name}={v}: above 1 it counts steps and must be whole (below 1 it is a share of the "
+                              "run's steps, as in transformers).")
     if c.repetition_penalty == 0:
         raise ConfigError("repetition_penalty must be > 0 (1.0 disables it).")
     _check_compile(c)
@@ -589,6 +601,10 @@ def _validate(c: GRPOConfig) -> None:
     _check_liger(c)
     _check_engine_env(c)
     _check_generation_kwargs(c)
+    unknown = set(c.gradient_checkpointing_kwargs or {}) - _CHECKPOINT_KWARGS
+    if unknown:
+        raise ConfigError(f"gradient_checkpointing_kwargs: {sorted(unknown)} not among torch.utils.checkpoint's "
+                          f"arguments ({', '.join(sorted(_CHECKPOINT_KWARGS))}).")
     if c.use_vllm and c.temperature > 2.0:
         raise ConfigError(f"temperature={c.temperature}: vLLM samples with temperature <= 2.0. Fix: lower it, or set "
                           "use_vllm=False to sample with transformers.")
@@ -619,6 +635,8 @@ def _validate(c: GRPOConfig) -> None:
     if c.fp16:
         raise ConfigError("fp16=True is not supported: GRPO's probability ratios lose precision in fp16. Use bf16=True.")
     if c.reward_weights is not None:
+        if isinstance(c.reward_weights, (list, tuple)) and not c.reward_weights:
+            raise ConfigError("reward_weights=[] gives no weight; leave it unset (None) for weight 1 on every reward.")
         if not isinstance(c.reward_weights, (list, tuple)) or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in c.reward_weights
         ):

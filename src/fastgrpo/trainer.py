@@ -218,6 +218,12 @@ class GRPOTrainer(ScriptAPI):
             self.state = ckpt.load_checkpoint(resume, self.model, optimizer, scheduler, sharded=self.fsdp)
             stream.state.epoch, stream.state.offset = self.state.stream_epoch, self.state.stream_offset
             log.info("resumed from %s at step %d", resume, self.state.global_step)
+            changed = ckpt.config_changes(resume, args.to_dict())
+            if changed:
+                log.warning("resuming with settings other than %s was written with: %s. The run continues as "
+                            "another run would; for an exact continuation use the checkpoint's settings "
+                            "(config.fastgrpo.json).", os.path.basename(resume),
+                            "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         self.state.max_steps = total
         generator = self._get_generator()
         if generator.owns_weights:
@@ -549,8 +555,9 @@ def _load_model(model: Any, args: GRPOConfig, bf16: bool):
     try:
         return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code, **kwargs)
     except Exception as e:  # noqa: BLE001
+        extra = f", and model_init_kwargs={args.model_init_kwargs}" if args.model_init_kwargs else ""
         raise ConfigError(f"could not load model {model!r} ({type(e).__name__}: {str(e)[:200]}). Check the path or hub "
-                          "id; without network, pass a local folder.") from e
+                          f"id{extra}; without network, pass a local folder.") from e
 
 
 def _gather_dispatched(model, device) -> None:
