@@ -102,3 +102,11 @@ def test_resuming_with_other_run_settings_says_which(tmp_path, caplog):
                  num_generations=4).train(resume_from_checkpoint=True)
     assert "settings other than checkpoint-2" in caplog.text
     assert "num_generations 2 -> 4" in caplog.text and "learning_rate 1e-06 -> 5e-06" in caplog.text
+
+
+def test_save_model_under_a_file_is_a_clear_error(tmp_path):
+    from fastgrpo.config import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="save_model: .*file/model' cannot be created"):
+        _trainer(tmp_path / "run", max_steps=1).save_model(str(tmp_path / "file" / "model"))

@@ -118,3 +118,10 @@ def test_cli_rewards_as_a_mapping_carry_their_weights(run_yaml):
     assert spec.rewards == ["format", "accuracy"] and config.reward_weights == [1.0, 2.0]
     with pytest.raises(ConfigError, match="give the weights once"):
         cli.load_run_config(str(run_yaml), ["--rewards", "{format: 1.0}", "--reward_weights", "[1.0]"])
+
+
+def test_a_key_given_twice_in_the_yaml_is_an_error(run_yaml, tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(run_yaml.read_text() + "max_steps: 5\n")
+    with pytest.raises(ConfigError, match="'max_steps' is given twice"):
+        cli.load_run_config(str(twice))

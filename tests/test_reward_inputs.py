@@ -229,3 +229,16 @@ def test_a_scripts_own_optimizer_is_used_and_checked(tok, tmp_path):
     with pytest.raises(ConfigError, match="peft_config must be a peft config"):
         GRPOTrainer(model, reward_len, args=GRPOConfig(output_dir=str(tmp_path), **SMALL), train_dataset=ROWS,
                     processing_class=tok, peft_config={"r": 8})
+
+
+def test_vllm_generation_kwargs_are_left_out_by_the_transformers_fallback(tok):
+    """use_vllm=True without vLLM generates with transformers: vLLM-only keys are dropped with a warning."""
+    from fastgrpo.rollout import HFGenerator, SamplingParams
+
+    gen = HFGenerator(build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), [tok.eos_token_id],
+                      tok.pad_token_id)
+    params = SamplingParams(n=2, max_tokens=4, temperature=1.0, extra={"min_tokens": 2, "min_new_tokens": 1})
+    with pytest.warns(UserWarning, match=r"\['min_tokens'\] are not arguments of transformers' generate"):
+        out = gen.generate([tok("1+1=", add_special_tokens=False)["input_ids"]], params)
+    assert len(out.completion_ids) == 2
+    assert GRPOConfig(output_dir="/tmp/x", use_vllm=True, generation_kwargs={"min_tokens": 2}).use_vllm

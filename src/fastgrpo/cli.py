@@ -42,6 +42,23 @@ class RunSpec:
     peft: dict | None = None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not the last one winning)."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _parse_value(raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
@@ -96,7 +113,7 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
     if path is not None:
         try:
             with open(path) as f:
-                values = yaml.safe_load(f) or {}
+                values = yaml.load(f, Loader=_UniqueKeys) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist.") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -298,8 +298,12 @@ class GRPOTrainer(ScriptAPI):
         state = ckpt.full_state(self.model)[0] if self.fsdp else None
         if self.dist.is_main:
             tmp = out.rstrip("/") + ".tmp-save"
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"save_model: {out!r} cannot be created ({e.strerror or e}). Fix: give a folder "
+                                  "you can write to.") from e
             ckpt.save_model_files(self.model, self.processing_class, tmp, state)
-            os.makedirs(out, exist_ok=True)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
             os.rmdir(tmp)

@@ -23,6 +23,7 @@ run from the generation thread, would interleave with training's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 import warnings
@@ -94,8 +95,26 @@ class HFGenerator(Generator):
         self._stats: dict[str, float] = {}
         self._graph = "graph"  # graphed decoding on CUDA: "graph", "eager" after a failed capture, "off"
 
+    @staticmethod
+    def _generate_kwargs_only(params: SamplingParams) -> SamplingParams:
+        """generation_kwargs meant for vLLM (use_vllm=True fell back to transformers): the keys transformers'
+        generate does not take are dropped, with one warning, instead of failing in generate."""
+        if not params.extra:
+            return params
+        from transformers import GenerationConfig
+
+        known = set(GenerationConfig().to_dict())
+        dropped = sorted(k for k in params.extra if k not in known)
+        if not dropped:
+            return params
+        warnings.warn(f"generation_kwargs {dropped} are not arguments of transformers' generate (vLLM's, as "
+                      "use_vllm=True asked for vLLM, which is not available here); the transformers backend leaves "
+                      "them out.", stacklevel=3)
+        return dataclasses.replace(params, extra={k: v for k, v in params.extra.items() if k in known})
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        params = self._generate_kwargs_only(params)
         model = self.model
         was_training = model.training
         model.eval()
