@@ -125,3 +125,5 @@ def test_a_key_given_twice_in_the_yaml_is_an_error(run_yaml, tmp_path):
     twice.write_text(run_yaml.read_text() + "max_steps: 5\n")
     with pytest.raises(ConfigError, match="'max_steps' is given twice"):
         cli.load_run_config(str(twice))
+    with pytest.raises(ConfigError, match="'r' is given twice"):
+        cli.load_run_config(str(run_yaml), ["--peft", "{r: 8, r: 4}"])

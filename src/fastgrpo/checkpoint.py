@@ -220,10 +220,9 @@ def list_checkpoints(output_dir: str) -> list[str]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        m = _CKPT.match(name)
         path = os.path.join(output_dir, name)
-        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(m.group(1)), path))
+        if (step := checkpoint_step(name)) >= 0 and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((step, path))
     return [p for _, p in sorted(found)]
 
 

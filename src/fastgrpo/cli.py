@@ -61,8 +61,10 @@ _UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _map
 
 def _parse_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return yaml.load(raw, Loader=_UniqueKeys)
+    except yaml.constructor.ConstructorError as e:  # a key given twice
+        raise ConfigError(f"{raw!r}: {e.problem}.") from None
+    except yaml.YAMLError:  # not YAML: the text itself
         return raw
 
 

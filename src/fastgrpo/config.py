@@ -494,15 +494,22 @@ _GENERATION_OWNED = {"max_tokens": "max_completion_length", "max_new_tokens": "m
                      "pad_token_id": "the tokenizer's pad token", "seed": "seed"}
 
 
+@functools.cache
+def generate_arguments() -> frozenset[str]:
+    """The arguments transformers' generate takes (GenerationConfig's fields): what the use_vllm=False backend
+    accepts in generation_kwargs."""
+    from transformers import GenerationConfig
+
+    return frozenset(GenerationConfig().to_dict())
+
+
 def _check_generation_kwargs(c: GRPOConfig) -> None:
     for key in c.generation_kwargs or {}:  # a dict or None: _mapping ran first
         if key in _GENERATION_OWNED:
             raise ConfigError(f"generation_kwargs[{key!r}]: the trainer sets it from {_GENERATION_OWNED[key]}. Fix: "
                               "set that field instead and drop the key.")
     if c.generation_kwargs and not c.use_vllm:
-        from transformers import GenerationConfig
-
-        known = set(GenerationConfig().to_dict())
+        known = generate_arguments()
         for key in c.generation_kwargs:
             if key not in known:
                 alt = {"min_tokens": "min_new_tokens", "stop": "stop_strings"}.get(key) or closest_name(key, known)

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .rewards import PASSED
+
 log = logging.getLogger("fastgrpo")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -94,10 +96,10 @@ def load_dataset_spec(path: str, split: str = "train", name: str | None = None, 
     return datasets.load_dataset(path, name, split=split, **kw)
 
 
-#: Keyword arguments a reward call gets from the trainer: a dataset column of the same name cannot reach the
-#: reward functions. The first two make TRL fail at the first reward call; the rest it drops or overrides.
-RESERVED_COLUMNS = {"prompts": "error", "completions": "error", "completion": "drop", "completion_ids": "drop",
-                    "trainer_state": "drop", "log_metric": "drop", "log_extra": "drop"}
+#: Keyword arguments a reward call gets from the trainer (rewards.PASSED): a dataset column of the same name cannot
+#: reach the reward functions. A 'prompts' or 'completions' column makes TRL fail at the first reward call (an
+#: error here); the others (and 'completion') TRL drops or overrides (dropped here, with a warning).
+RESERVED_COLUMNS = {name: "error" if name in ("prompts", "completions") else "drop" for name in (*PASSED, "completion")}
 
 
 def _check_container(dataset, what: str) -> None:

@@ -306,17 +306,14 @@ def _check_output(name: str, values: Any, n: int) -> list[float]:
         if v is None:
             out.append(math.nan)
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            try:
-                v = float(v)  # numpy scalars, 0-d tensors
-            except (TypeError, ValueError):
-                raise RewardError(f"reward function '{name}' returned {v!r:.80} for sample {i}; rewards must be "
-                                  "numbers or None.") from None
         try:
-            v = float(v)
+            v = float(v)  # ints, numpy scalars, 0-d tensors
         except OverflowError:
             raise RewardError(f"reward function '{name}' returned an integer too large for a float for sample {i}; "
                               "rewards must be finite numbers.") from None
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function '{name}' returned {v!r:.80} for sample {i}; rewards must be "
+                              "numbers or None.") from None
         if not math.isfinite(v):
             raise RewardError(f"reward function '{name}' returned {v} for sample {i}; rewards must be finite "
                               "(use None for 'not applicable').")
@@ -357,7 +354,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     (httpx.AsyncClient, AsyncOpenAI) stay bound to a live loop, and a caller's own running loop (Jupyter,
     asyncio.run(main())) is not in the way."""
     global _LOOP
-    if _LOOP is None or _LOOP.is_closed() or not _LOOP.is_running():
+    if _LOOP is None:  # (a loop not yet running takes submitted work all the same)
         _LOOP = asyncio.new_event_loop()
         threading.Thread(target=_LOOP.run_forever, name="fastgrpo-async-rewards", daemon=True).start()
     return _LOOP

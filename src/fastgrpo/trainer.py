@@ -113,15 +113,15 @@ class GRPOTrainer(ScriptAPI):
         if not funcs:
             raise RewardError("reward_funcs is empty: give at least one reward function.")
         procs = reward_processing_classes
-        procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs) if procs is not None else \
-            [None] * len(funcs)
+        if not isinstance(procs, (list, tuple)):
+            procs = [procs] * len(funcs)  # None, or one processing class for every reward function
         if len(procs) != len(funcs):
             raise ConfigError(f"reward_processing_classes has {len(procs)} entries for {len(funcs)} reward functions. "
                               "Fix: one per reward function (None for plain functions), in the same order.")
         self.reward_funcs = [resolve_reward(f, self.device, tokenizer=p) for f, p in zip(funcs, procs)]
-        opt, sched = optimizers if isinstance(optimizers, (list, tuple)) and len(optimizers) == 2 else (None, None)
         if not isinstance(optimizers, (list, tuple)) or len(optimizers) != 2:
             raise ConfigError(f"optimizers must be a pair (optimizer, lr_scheduler), either None; got {optimizers!r:.80}.")
+        opt, sched = optimizers
         if opt is not None and not isinstance(opt, torch.optim.Optimizer):
             raise ConfigError(f"optimizers[0] must be a torch.optim.Optimizer, got {type(opt).__name__}.")
         self._user_optim = (opt, sched)

@@ -31,6 +31,7 @@ import warnings
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..config import generate_arguments
 from ..kernels import eager_layers
 from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
@@ -101,9 +102,7 @@ class HFGenerator(Generator):
         generate does not take are dropped, with one warning, instead of failing in generate."""
         if not params.extra:
             return params
-        from transformers import GenerationConfig
-
-        known = set(GenerationConfig().to_dict())
+        known = generate_arguments()
         dropped = sorted(k for k in params.extra if k not in known)
         if not dropped:
             return params
