@@ -224,3 +224,33 @@ def test_tiny_cells_run_in_worker_processes(tmp_path, capsys):
         assert results["trl"]["config"]["gradient_checkpointing"] is True  # TRL's default, kept
     assert (out / "table.md").exists() and (out / "chart.png").exists()
     assert "fastgrpo | novllm | 2 | 8" in capsys.readouterr().out
+
+
+def test_variants_run_as_rows_of_their_own():
+    cells = bench.parse_grid(_args("--only", "vllm-alone,fastgrpo-async,fastgrpo-async@y,vllm-alone",
+                                   "--variant", 'y={"async_yield": "layer"}', "--extra", '{"seed": 3}',
+                                   "--num-generations", "8", "--max-completion-length", "512"))
+    assert [bench.cell_key(c) for c in cells] == ["vllm-alone-G8-L512", "fastgrpo-async-G8-L512",
+                                                  "fastgrpo-async-G8-L512@y", "vllm-alone-G8-L512"]
+    assert cells[1]["extra"] == {"seed": 3} and cells[1]["variant"] is None
+    assert cells[2]["extra"] == {"seed": 3, "async_yield": "layer"} and cells[2]["variant_fields"] == {"async_yield": "layer"}
+    assert bench.recipe_config(cells[2], "fastgrpo", cuda=True)["async_yield"] == "layer"
+    for bad, msg in ((["--only", "fastgrpo-async@z"], "names no variant"),
+                     (["--only", "fastgrpo-async@y", "--variant", "y=[1]"], "JSON object"),
+                     (["--only", "fastgrpo-async@y", "--variant", "y={"], "not JSON"),
+                     (["--only", "fastgrpo-async", "--variant", "y={}", "--variant", "y={}"], "named twice"),
+                     (["--only", "fastgrpo-async", "--variant", "no-equals"], "NAME=JSON"),
+                     (["--modes", "async", "--variant", "y={}"], "--only")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_grid(_args(*bad))
+
+
+def test_variant_rows_in_the_table_against_the_plain_references():
+    rows = [*SYNTHETIC, _r("fastgrpo", "async", 1.62, variant="y", variant_fields={"async_yield": "layer"},
+                           key="fastgrpo-async@y")]
+    table = bench_report.summarize(rows)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| fastgrpo | async")]
+    assert len(lines) == 2 and lines[0].startswith("| fastgrpo | async |")  # the plain row first
+    cells = [c.strip() for c in lines[1].split("|")[1:-1]]
+    assert cells[1] == "async @y" and cells[9] == "0.15" and cells[10] == "1.20"  # 1.62 / 10.8, 1.62 / 1.35
+    assert '"async_yield": "layer"' in cells[11]

@@ -65,8 +65,8 @@ summary() {  # summary NAME COMPLETIONS_PER_STEP (fastgrpo metrics.jsonl when pr
   python tools/steps_summary.py "$f" "$2" "$1" | tee -a "$R/summary.txt"
 }
 # v NAME BUDGET ONLY EXTRA_JSON: one bench call into $R/bench-NAME; one summary line per cell of it
-v() { local name=$1 budget=$2 only=$3 extra=$4
-  bench --only "$only" --budget "$budget" --extra "$extra" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
+v() { local name=$1 budget=$2 only=$3 extra=$4; shift 4  # more arguments go to the bench command (--variant ...)
+  bench --only "$only" --budget "$budget" --extra "$extra" "$@" --out "$R/bench-$name" > "$R/lane-$name.txt" 2>&1
   python - "$R/bench-$name/results.jsonl" "$name" <<'PY' 2>&1 | tee -a "$R/summary.txt"
 import json, sys
 for line in open(sys.argv[1]):
@@ -358,6 +358,20 @@ case $phase in
     ccap*) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${cell#ccap} v "mps-$cell" "${BC:-170}" fastgrpo-async '{"torch_compile": true}' ;;
   esac; done
   echo quit | nvidia-cuda-mps-control
+  ;;
+31)  # one GPU (issue 6, async): yield points (async_yield 'layer' / 'block') against none, in one bench command,
+    # alternated and bracketed by vLLM alone (ORDER, budget BB); GT=1 first runs the kernel GPU tests (TT seconds)
+  export CUDA_VISIBLE_DEVICES=0
+  if [ -n "${GT:-}" ]; then
+    timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
+      > "$R/gpu-tests.txt" 2>&1; echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
+    grep -E "passed|failed|Error" "$R/gpu-tests.txt" | tail -8 | tee -a "$R/summary.txt"
+  fi
+  v yield "${BB:-500}" "${ORDER:-vllm-alone,fastgrpo-async@layer,fastgrpo-async,vllm-alone}" '{}' \
+    --variant 'layer={"async_yield": "layer"}' --variant 'block={"async_yield": "block"}'
+  tables run yield
+  for f in "$R"/bench-yield/cells/fastgrpo-async*/metrics.jsonl; do  # per-step times of each async run
+    [ -f "$f" ] && cp "$f" "$R/$(basename "$(dirname "$f")")-metrics.jsonl"; done
   ;;
 30)  # one GPU (issue 6, async): each async cell bracketed by vLLM alone in one bench call (pooled); NOMPS cells without
     # MPS, then MPS cells: prio = the trainer at MPS client priority 1 (below normal), the engine process at 0

@@ -64,7 +64,7 @@ from .bench_server import free_port, kill_server
 RESULT_MARK = "BENCH_RESULT "
 FRAMEWORKS, MODES = ("fastgrpo", "trl"), ("colocate", "async", "novllm", "server", "server-async")
 SERVER_MODES = ("server", "server-async")
-CELL_KEYS = ("framework", "mode", "G", "L", "steps")
+CELL_KEYS = ("framework", "mode", "G", "L", "steps", "variant", "variant_fields")
 MAX_PROMPT_LENGTH = 512
 SYSTEM_PROMPT = (  # verbatim from examples/recipe.py
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
@@ -80,7 +80,26 @@ def _csv(text, cast=str) -> list:
 
 
 def cell_key(c: dict) -> str:
-    return f"{c['framework']}-{c['mode']}-G{c['G']}-L{c['L']}"
+    return f"{c['framework']}-{c['mode']}-G{c['G']}-L{c['L']}" + (f"@{c['variant']}" if c.get("variant") else "")
+
+
+def parse_variants(specs: list[str] | None) -> dict[str, dict]:
+    """--variant NAME=JSON (repeatable) -> {NAME: config fields}; a cell named CELL@NAME in --only runs with them
+    on top of --extra, as a row of its own."""
+    variants = {}
+    for spec in specs or []:
+        name, sep, text = spec.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--variant {spec!r}: write NAME=JSON, e.g. --variant 'layer={{\"async_yield\": \"layer\"}}'")
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {name}: {text!r} is not JSON ({e.msg})") from None
+        if not isinstance(fields, dict) or name in variants:
+            raise ValueError(f"--variant {name}: " + ("named twice" if name in variants else "needs a JSON object"))
+        variants[name] = fields
+    return variants
 
 
 def parse_grid(args) -> list[dict]:
@@ -88,19 +107,35 @@ def parse_grid(args) -> list[dict]:
     with --only, the named framework-mode cells of each (G, L), in the order named. A cell may be named more than
     once (vllm-alone before, between and after the cells it is the reference of): main() pools its runs, so that a
     host whose speed drifts between cells shows in each cell's spread instead of in one ratio."""
+    variants = parse_variants(getattr(args, "variant", None))
     if getattr(args, "only", None):
         names = _csv(args.only)
         known = {f"{f}-{m}" for f in FRAMEWORKS for m in MODES} - {"trl-async"} | {"vllm-alone"}
-        if not names or set(names) - known:
+        split = [n.partition("@") for n in names]
+        if not names or {c for c, _, _ in split} - known:
             raise ValueError(f"--only {args.only!r}: name framework-mode cells from {', '.join(sorted(known))} "
-                             "(one named again runs again, pooled with its earlier runs)")
-        full = argparse.Namespace(**{**vars(args), "only": None, "frameworks": ",".join(FRAMEWORKS),
+                             "(one named again runs again, pooled with its earlier runs; CELL@NAME runs it with "
+                             "--variant NAME)")
+        for c, at, v in split:
+            if at and v not in variants:
+                raise ValueError(f"--only: {c}@{v} names no variant; define it with --variant '{v}={{...}}'"
+                                 + (f" (defined: {', '.join(variants)})" if variants else ""))
+        full = argparse.Namespace(**{**vars(args), "only": None, "variant": None, "frameworks": ",".join(FRAMEWORKS),
                                      "modes": ",".join(MODES), "vllm_alone": True})
         by_name: dict[tuple, dict] = {}
         for c in parse_grid(full):
             by_name[(c["G"], c["L"], f"{c['framework']}-{c['mode']}")] = c
         sizes = sorted({(g, length) for g, length, _ in by_name})
-        return [dict(by_name[(g, length, n)]) for g, length in sizes for n in names]
+        cells = []
+        for g, length in sizes:
+            for c, _, v in split:
+                cell = dict(by_name[(g, length, c)])
+                if v:
+                    cell.update(variant=v, variant_fields=variants[v], extra={**cell["extra"], **variants[v]})
+                cells.append(cell)
+        return cells
+    if variants:
+        raise ValueError("--variant is used through --only CELL@NAME; name the cells with --only")
     frameworks, modes = _csv(args.frameworks), _csv(args.modes)
     for name, got, allowed in (("--frameworks", frameworks, FRAMEWORKS), ("--modes", modes, MODES)):
         if not got or set(got) - set(allowed):
@@ -114,7 +149,7 @@ def parse_grid(args) -> list[dict]:
         if g < 2 or cps % g:
             raise ValueError(f"num_generations {g}: must be >= 2 and divide --completions-per-step {cps}")
         for length in _csv(args.max_completion_length, int):
-            base = dict(G=g, L=length, steps=args.steps, completions_per_step=cps, per_device_batch=pdb,
+            base = dict(G=g, L=length, steps=args.steps, completions_per_step=cps, per_device_batch=pdb, variant=None, variant_fields=None,
                         gpu_memory_utilization=args.gpu_memory_utilization, extra=extra)
             cells += [dict(base, framework=f, mode=m) for f in frameworks for m in modes if (f, m) != ("trl", "async")]
             if args.vllm_alone:
@@ -340,7 +375,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    out = {**{k: spec[k] for k in CELL_KEYS}, "key": cell_key(spec), "error": None,
+    out = {**{k: spec.get(k) for k in CELL_KEYS}, "key": cell_key(spec), "error": None,
            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "completions_per_step": spec["completions_per_step"]}
     clock, t0 = StepClock(spec["out_dir"]), time.perf_counter()
     try:
@@ -424,7 +459,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
         tail = " | ".join(text.strip().splitlines()[-3:])[-300:]
         c = recipe_config(spec, spec["framework"], False)
         cps = c["per_device_train_batch_size"] * c["gradient_accumulation_steps"]
-        result = {**{k: spec[k] for k in CELL_KEYS}, "key": cell_key(spec), "completions_per_step": cps,
+        result = {**{k: spec.get(k) for k in CELL_KEYS}, "key": cell_key(spec), "completions_per_step": cps,
                   "error": error or f"worker exited with code {rc}: {tail}",
                   **step_stats([s["wall"] for s in steps], [s.get("tokens") or 0.0 for s in steps], cps)}
     if result.get("error") and result.get("step_walls"):
@@ -481,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--timeout-per-cell", type=float, default=1800.0, help="seconds; the cell is killed and recorded as failed")
     a("--budget", type=float, help="seconds for this whole command; a cell gets at most what is left")
     a("--extra", default="{}", help="JSON object merged into every cell's config (fields a framework lacks are dropped)")
+    a("--variant", action="append", metavar="NAME=JSON", help="config fields for cells named CELL@NAME in --only, "
+      "on top of --extra, each a row of its own (repeatable): compare settings in one command, e.g. --only "
+      "fastgrpo-async,fastgrpo-async@y --variant 'y={\"async_yield\": \"layer\"}'")
     a("--out", default="outputs/bench", help="results.jsonl, table.md, chart.png (merged with results already there)")
     a("--report", nargs="+", metavar="RESULTS_JSONL", help="only write table.md and chart.png from these files")
     a("--worker", help=argparse.SUPPRESS)
@@ -513,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, cell in enumerate(cells, 1):
         key, left = cell_key(cell), None if args.budget is None else args.budget - (time.perf_counter() - t_start)
         if left is not None and left < 30:
-            results.setdefault(key, {**{k: cell[k] for k in CELL_KEYS}, "key": key, "error": "not run: --budget used up"})
+            results.setdefault(key, {**{k: cell.get(k) for k in CELL_KEYS}, "key": key, "error": "not run: --budget used up"})
             continue
         print(f"[bench] {n}/{len(cells)} {key} ...", flush=True)
         spec = dict(cell, model=model, data=data, out_dir=str((out / "cells" / key).resolve()),

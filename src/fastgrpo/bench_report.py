@@ -14,7 +14,7 @@ COLORS = ["#1f77b4", "#17becf", "#9ecae1", "#2ca02c", "#98df8a", "#d62728", "#ff
 
 def _order(r: dict) -> tuple:
     s = (r["framework"], r["mode"])
-    return r["G"], r["L"], SERIES.index(s) if s in SERIES else 99
+    return r["G"], r["L"], SERIES.index(s) if s in SERIES else 99, r.get("variant") or ""
 
 
 def _f(x, fmt: str = "{:.2f}") -> str:
@@ -24,8 +24,9 @@ def _f(x, fmt: str = "{:.2f}") -> str:
 def summarize(results: list[dict]) -> str:
     """The markdown table of `results` (what each column measures: the module docstring and the table's footnote)."""
     ok = [r for r in results if r.get("s_per_step")]  # partial (timed-out) cells too: their steps were real
-    trl = {(r["mode"], r["G"], r["L"]): r["s_per_step"] for r in ok if r["framework"] == "trl"}
-    vllm = {(r["G"], r["L"]): r["s_per_step"] for r in ok if r["framework"] == "vllm"}
+    base = [r for r in ok if not r.get("variant")]  # the references: TRL and vLLM alone as they come
+    trl = {(r["mode"], r["G"], r["L"]): r["s_per_step"] for r in base if r["framework"] == "trl"}
+    vllm = {(r["G"], r["L"]): r["s_per_step"] for r in base if r["framework"] == "vllm"}
     lines = ["| framework | mode | G | L | s/step (median) | it/s | gen tok/s | peak GPU GiB (torch) | "
              "time split gen/train/other s | ÷ TRL | ÷ vLLM-alone | notes |", "|" + "---|" * 12]
     for r in sorted(results, key=_order):
@@ -34,6 +35,8 @@ def summarize(results: list[dict]) -> str:
             notes.append(("FAILED: " if not s else "partial: ") + r["error"][:200])
         if r["framework"] == "trl" and (r.get("config") or {}).get("gradient_checkpointing"):
             notes.append("gradient_checkpointing on (TRL default)")
+        if r.get("variant"):
+            notes.append("variant: " + json.dumps(r.get("variant_fields") or {}))
         if r["framework"] == "vllm":
             notes.append("vLLM generate() alone, ignore_eos"
                          + (f"; runs around the other cells, in order: {', '.join(_f(x['s_per_step']) for x in r['runs'])} s"
@@ -47,7 +50,7 @@ def summarize(results: list[dict]) -> str:
                                                if "SDPA" in str(r.get("config", {}).get("tree_attention")) else ""))
         vl, ours = vllm.get((r["G"], r["L"])), r["framework"] != "vllm" and s
         lines.append("| " + " | ".join([
-            r["framework"], r["mode"], str(r["G"]), str(r["L"]), _f(s), _f(r.get("it_per_s"), "{:.3f}"),
+            r["framework"], r["mode"] + (f" @{r['variant']}" if r.get("variant") else ""), str(r["G"]), str(r["L"]), _f(s), _f(r.get("it_per_s"), "{:.3f}"),
             _f(r.get("gen_tok_per_s"), "{:,.0f}"), mem, split, _f(s / ref if ours and ref else None),
             _f(s / vl if ours and vl else None), "; ".join(notes).replace("|", "/").replace("\n", " ")]) + " |")
     devices = sorted({r["device"] for r in results if r.get("device")})
@@ -61,12 +64,14 @@ def summarize(results: list[dict]) -> str:
 
 def write_chart(results: list[dict], path: str) -> None:
     """Grouped bars of s/step, one panel per L, one group per G, one color per framework/mode (hatched: partial);
-    vLLM alone is a black dashed line with a diamond across its group."""
+    vLLM alone is a black dashed line with a diamond across its group. Variant rows (--variant) are in the table
+    only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if not r.get("variant")]
     gens, lengths = sorted({r["G"] for r in results}), sorted({r["L"] for r in results})
     series = [s for s in SERIES[:-1] if any((r["framework"], r["mode"]) == s for r in results)]
     by, width = {(r["framework"], r["mode"], r["G"], r["L"]): r for r in results}, 0.8 / max(len(series), 1)

@@ -49,6 +49,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 REPORTERS = ("trackio", "none", "jsonl")
 REWARD_ERRORS = ("raise", "zero")
+YIELD_MODES = ("off", "layer", "block")
 # transformers' TrainingArguments.fsdp vocabulary, the subset that means something here: "auto_wrap" is accepted
 # (decoder layers are always wrapped), "no_shard" forces replicated data parallelism.
 FSDP_OPTIONS = ("full_shard", "auto_wrap", "no_shard")
@@ -123,6 +124,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length from the loss.")
     top_entropy_quantile: float = _f(1.0, "Train only on tokens whose entropy is in this top fraction (1.0: all).")
     async_generation: bool = _f(False, "One-step off-policy: generate batch k+1 while training on batch k, corrected by importance sampling.")
+    async_yield: str = _f("off", "With async_generation on a GPU: while the next batch is generated beside training, training waits for the GPU after each decoder layer ('layer') or each attention and MLP block ('block'), forward and backward, so that the engine's decode steps get the GPU at once instead of after training's time slice (fastgrpo.sharing). 'off': no waits.", YIELD_MODES)
 
     # --- rewards (fastgrpo additions) ---
     reward_timeout: float | None = _f(None, "Seconds a reward function may take per call before the run stops with its name.")
@@ -552,6 +554,7 @@ def _validate(c: GRPOConfig) -> None:
                           ("importance_sampling_level", IS_LEVELS), ("vllm_mode", VLLM_MODES),
                           ("vllm_importance_sampling_mode", IS_MODES), ("lr_scheduler_type", SCHEDULERS),
                           ("save_strategy", STRATEGIES), ("eval_strategy", STRATEGIES), ("reward_error", REWARD_ERRORS),
+                          ("async_yield", YIELD_MODES),
                           ("vllm_model_impl", ("vllm", "transformers", "auto"))]:
         _choice(c, name, allowed)
     for r in c.reporters:

@@ -32,6 +32,7 @@ from .distributed import Dist, all_gather_rows, all_reduce_max, average_gradient
 from .loss import LossParams
 from .metrics import MetricsSink, Timer
 from .rollout import Generation, Generator, SamplingParams
+from .sharing import yield_points
 
 
 class TrainingStopped(RuntimeError):
@@ -217,6 +218,11 @@ def train_loop(run: Run) -> dict[str, float]:
     step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
     pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
     pending: Future | None = None
+    yield_mode = cfg.async_yield if pool is not None and run.device.type == "cuda" else "off"
+
+    def generating() -> bool:  # the next round is still being generated beside this one's training
+        return pending is not None and not pending.done()
+
     steps_done, t_start = 0, time.perf_counter()
     _install_signal_handlers(run)
     t_prev = time.perf_counter()  # step_time runs from one step's end to the next: waits and syncs included
@@ -246,7 +252,7 @@ def train_loop(run: Run) -> dict[str, float]:
                         break
                     sums: dict[str, torch.Tensor] = {}
                     order = list(range(start, min(start + step_group, n_completions)))
-                    with timer("train_time"):
+                    with timer("train_time"), yield_points(run.model, yield_mode, generating):
                         passes = _plan_passes(run, order, lengths)
                         for k, idx in enumerate(passes):
                             set_gradient_sync(run.model, k == len(passes) - 1)  # FSDP2: reduce once per window

@@ -1,0 +1,102 @@
+"""Yield points (fastgrpo.sharing): where training waits for the GPU while generation runs beside it.
+
+On CPU the wait is a counter; on a GPU it is the stream's synchronize (same hooks)."""
+
+import pytest
+import torch
+
+from fastgrpo import GRPOConfig
+from fastgrpo.config import ConfigError
+from fastgrpo.sharing import yield_points, yield_targets
+
+
+def _loss(model, ids):
+    return model(input_ids=ids).logits.float().square().mean()
+
+
+@pytest.fixture
+def model_and_ids(tiny_model_factory):
+    model = tiny_model_factory(layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+@pytest.mark.parametrize("mode,per_layer", [("layer", 1), ("block", 2)])
+def test_one_wait_per_target_forward_and_backward(model_and_ids, mode, per_layer):
+    model, ids = model_and_ids
+    targets = yield_targets(model, mode)
+    assert len(targets) == 3 * per_layer
+    if mode == "block":  # attention and MLP; the norms hold too few parameters
+        assert {type(t).__name__ for t in targets} == {"Qwen2Attention", "Qwen2MLP"}
+    waits = []
+    with yield_points(model, mode, lambda: True, wait=lambda: waits.append(1)) as n:
+        assert n == len(targets)
+        loss = _loss(model, ids)
+        assert len(waits) == len(targets)  # forward: one after each target
+        loss.backward()
+    assert len(waits) == 2 * len(targets)  # backward: one before each target's backward
+
+
+def test_no_waits_when_inactive_or_off_and_hooks_removed_on_exit(model_and_ids):
+    model, ids = model_and_ids
+    waits = []
+    with yield_points(model, "layer", lambda: False, wait=lambda: waits.append(1)):
+        _loss(model, ids).backward()
+    with yield_points(model, "off", lambda: True, wait=lambda: waits.append(1)) as n:
+        assert n == 0
+        _loss(model, ids).backward()
+    with yield_points(model, "layer", lambda: True, wait=lambda: waits.append(1)):
+        pass
+    _loss(model, ids).backward()
+    assert waits == []
+    assert all(not layer._forward_hooks for layer in yield_targets(model, "layer"))
+
+
+def test_generation_ending_mid_pass_stops_the_waits(model_and_ids):
+    """The gradient hooks ask again when they run: once the generation is done, the backward runs without waits."""
+    model, ids = model_and_ids
+    waits, generating = [], [True]
+    with yield_points(model, "layer", lambda: generating[0], wait=lambda: waits.append(1)):
+        loss = _loss(model, ids)
+        generating[0] = False
+        loss.backward()
+    assert len(waits) == 3
+
+
+def test_same_loss_and_gradients_with_and_without_yield_points(model_and_ids):
+    model, ids = model_and_ids
+    loss0 = _loss(model, ids)
+    loss0.backward()
+    grads0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with yield_points(model, "block", lambda: True, wait=lambda: None):
+        loss1 = _loss(model, ids)
+        loss1.backward()
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads0, model.parameters()))
+
+
+def test_frozen_base_with_lora_still_waits_in_backward(tiny_model_factory):
+    """With LoRA the base weights are frozen; every layer's output still needs a gradient (the adapters sit in
+    every layer), so the backward gets its waits too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model_factory(layers=2), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(1))
+    waits = []
+    with yield_points(model, "layer", lambda: True, wait=lambda: waits.append(1)):
+        _loss(model, ids).backward()
+    assert len(waits) == 4
+
+
+def test_compiled_layers_get_no_yield_points(tiny_model_factory):
+    model = tiny_model_factory(layers=2)
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    assert yield_targets(model, "layer") == []
+
+
+def test_async_yield_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="async_yield"):
+        GRPOConfig(output_dir=str(tmp_path), async_yield="layers")
+    assert GRPOConfig(output_dir=str(tmp_path), async_yield="block").async_yield == "block"
