@@ -100,3 +100,25 @@ def test_async_yield_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="async_yield"):
         GRPOConfig(output_dir=str(tmp_path), async_yield="layers")
     assert GRPOConfig(output_dir=str(tmp_path), async_yield="block").async_yield == "block"
+
+
+def test_default_yield_mode_follows_the_generator(tmp_path):
+    """None: 'layer' where generation shares the GPU by time slice (vLLM's engine process), 'off' otherwise; an
+    explicit setting wins; nothing without async generation or a GPU."""
+    from fastgrpo.rollout.base import Generator
+    from fastgrpo.sharing import async_yield_mode
+
+    class Gen(Generator):
+        def generate(self, prompt_ids, params):
+            raise AssertionError
+
+    beside, inproc, cuda = Gen(), Gen(), torch.device("cuda", 0)
+    beside.shares_gpu_by_time_slice = True
+    cfg = GRPOConfig(output_dir=str(tmp_path), async_generation=True)
+    assert async_yield_mode(cfg, beside, cuda) == "layer" and async_yield_mode(cfg, inproc, cuda) == "off"
+    assert async_yield_mode(cfg, beside, torch.device("cpu")) == "off"
+    assert async_yield_mode(GRPOConfig(output_dir=str(tmp_path)), beside, cuda) == "off"
+    explicit = GRPOConfig(output_dir=str(tmp_path), async_generation=True, async_yield="block")
+    assert async_yield_mode(explicit, inproc, cuda) == "block"
+    off = GRPOConfig(output_dir=str(tmp_path), async_generation=True, async_yield="off")
+    assert async_yield_mode(off, beside, cuda) == "off"

@@ -694,6 +694,7 @@ def test_engine_process_generation_timing_vs_in_process(model_dir):
                              per_device_train_batch_size=128, num_generations=8, max_completion_length=512)
         try:
             assert gen.engine_process == engine_process
+            assert gen.shares_gpu_by_time_slice == engine_process  # async_yield's default follows it
             before = gen.generate(greedy_prompts, greedy).completion_ids
             pushes = []
             for _ in range(3):

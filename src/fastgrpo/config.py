@@ -124,7 +124,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     mask_truncated_completions: bool = _f(False, "Exclude completions that hit max_completion_length from the loss.")
     top_entropy_quantile: float = _f(1.0, "Train only on tokens whose entropy is in this top fraction (1.0: all).")
     async_generation: bool = _f(False, "One-step off-policy: generate batch k+1 while training on batch k, corrected by importance sampling.")
-    async_yield: str = _f("off", "With async_generation on a GPU: while the next batch is generated beside training, training waits for the GPU after each decoder layer ('layer') or each attention and MLP block ('block'), forward and backward, so that the engine's decode steps get the GPU at once instead of after training's time slice (fastgrpo.sharing). 'off': no waits.", YIELD_MODES)
+    async_yield: str | None = _f(None, "With async_generation on a GPU, while the next batch is generated beside training: training waits for the GPU after each decoder layer ('layer') or each attention and MLP block ('block'), forward and backward, so that the engine's decode steps get the GPU at once instead of after training's time slice (fastgrpo.sharing; docs/benchmarks.md 14: async steps 8-19% shorter with 'layer'). 'off': no waits. None: 'layer' where generation runs in another process on the trainer's GPU (vLLM's engine process, the default for async colocate), 'off' otherwise.", YIELD_MODES)
 
     # --- rewards (fastgrpo additions) ---
     reward_timeout: float | None = _f(None, "Seconds a reward function may take per call before the run stops with its name.")
@@ -550,13 +550,10 @@ def _validate(c: GRPOConfig) -> None:
         c.resume_from_checkpoint = c.resume_from_checkpoint.strip().lower() == "true"  # from argument parsers
     if isinstance(c.vllm_kv_cache_memory_bytes, str) and c.vllm_kv_cache_memory_bytes.strip().lower() == "none":
         c.vllm_kv_cache_memory_bytes = None
-    for name, allowed in [("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
-                          ("importance_sampling_level", IS_LEVELS), ("vllm_mode", VLLM_MODES),
-                          ("vllm_importance_sampling_mode", IS_MODES), ("lr_scheduler_type", SCHEDULERS),
-                          ("save_strategy", STRATEGIES), ("eval_strategy", STRATEGIES), ("reward_error", REWARD_ERRORS),
-                          ("async_yield", YIELD_MODES),
-                          ("vllm_model_impl", ("vllm", "transformers", "auto"))]:
-        _choice(c, name, allowed)
+    for f in dataclasses.fields(c):  # every field declared with choices; None where None is its default
+        allowed = f.metadata.get("choices")
+        if allowed and not (getattr(c, f.name) is None and f.default is None):
+            _choice(c, f.name, allowed)
     for r in c.reporters:
         if r not in REPORTERS:
             raise ConfigError(f"report_to={c.report_to!r}: '{r}' is not supported; use 'trackio' or 'none'.")

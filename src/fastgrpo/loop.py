@@ -32,7 +32,7 @@ from .distributed import Dist, all_gather_rows, all_reduce_max, average_gradient
 from .loss import LossParams
 from .metrics import MetricsSink, Timer
 from .rollout import Generation, Generator, SamplingParams
-from .sharing import yield_points
+from .sharing import async_yield_mode, yield_points
 
 
 class TrainingStopped(RuntimeError):
@@ -218,7 +218,7 @@ def train_loop(run: Run) -> dict[str, float]:
     step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
     pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
     pending: Future | None = None
-    yield_mode = cfg.async_yield if pool is not None and run.device.type == "cuda" else "off"
+    yield_mode = async_yield_mode(cfg, run.generator, run.device)
 
     def generating() -> bool:  # the next round is still being generated beside this one's training
         return pending is not None and not pending.done()

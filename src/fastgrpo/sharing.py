@@ -28,6 +28,16 @@ import torch
 from .kernels import decoder_layers
 
 
+def async_yield_mode(config, generator, device: torch.device) -> str:
+    """The yield mode of a run: config.async_yield, or where it is None, "layer" when the generator shares the
+    trainer's GPU by time slice; "off" without async_generation or off a GPU (nothing to yield to)."""
+    if not config.async_generation or device.type != "cuda":
+        return "off"
+    if config.async_yield is not None:
+        return config.async_yield
+    return "layer" if generator.shares_gpu_by_time_slice else "off"
+
+
 def yield_targets(model: torch.nn.Module, mode: str) -> list[torch.nn.Module]:
     """The modules after whose forward (and before whose backward) training yields the GPU.
 

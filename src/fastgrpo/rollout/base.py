@@ -55,6 +55,9 @@ class Generator(ABC):
     #: True when the backend samples from its own copy of the weights (vLLM, a server, the async HF copy):
     #: the trainer must then push weights after each update.
     owns_weights: bool = False
+    #: True when generation runs in another process on the trainer's GPU: its kernels and the trainer's then take
+    #: turns by time slice, and training beside it yields the GPU at layer boundaries (fastgrpo.sharing).
+    shares_gpu_by_time_slice: bool = False
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation: ...

@@ -289,6 +289,7 @@ class VLLMColocateGenerator(Generator):
             raise ValueError(f"vllm_tensor_parallel_size={self.tp} must divide the number of processes ({world_size}).")
         # Engine in its own process only where it needs no process group shared with the trainer.
         self.engine_process = engine_process_wanted(config, world_size, local_rank)
+        self.shares_gpu_by_time_slice = self.engine_process  # its own CUDA context on the trainer's GPU
         if self.engine_process:
             self.rank, self._owns_process_group = 0, False
             os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # as in-process (inherited by the engine)
