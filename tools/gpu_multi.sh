@@ -368,7 +368,8 @@ case $phase in
     grep -E "passed|failed|Error" "$R/gpu-tests.txt" | tail -8 | tee -a "$R/summary.txt"
   fi
   v yield "${BB:-500}" "${ORDER:-vllm-alone,fastgrpo-async@layer,fastgrpo-async,vllm-alone}" '{}' \
-    --variant 'layer={"async_yield": "layer"}' --variant 'block={"async_yield": "block"}'
+    --variant 'layer={"async_yield": "layer"}' --variant 'block={"async_yield": "block"}' \
+    --variant 'off={"async_yield": "off"}'
   tables run yield
   for f in "$R"/bench-yield/cells/fastgrpo-async*/metrics.jsonl; do  # per-step times of each async run
     [ -f "$f" ] && cp "$f" "$R/$(basename "$(dirname "$f")")-metrics.jsonl"; done
