@@ -254,3 +254,13 @@ def test_variant_rows_in_the_table_against_the_plain_references():
     cells = [c.strip() for c in lines[1].split("|")[1:-1]]
     assert cells[1] == "async @y" and cells[9] == "0.15" and cells[10] == "1.20"  # 1.62 / 10.8, 1.62 / 1.35
     assert '"async_yield": "layer"' in cells[11]
+
+
+def test_outputs_of_variant_rows_only(tmp_path):
+    """A command that has so far run only variant cells writes its results and table (the chart shows plain rows
+    only, so there is none yet); this used to end the bench run after its first cell."""
+    row = _r("fastgrpo", "async", 3.18, variant="off", variant_fields={"async_yield": "off"}, key="fastgrpo-async@off")
+    bench_report.write_outputs(tmp_path, [row])
+    assert "async @off" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "results.jsonl").read_text())["variant"] == "off"
+    assert not (tmp_path / "chart.png").exists()

@@ -72,6 +72,8 @@ def write_chart(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     results = [r for r in results if not r.get("variant")]
+    if not results:
+        return
     gens, lengths = sorted({r["G"] for r in results}), sorted({r["L"] for r in results})
     series = [s for s in SERIES[:-1] if any((r["framework"], r["mode"]) == s for r in results)]
     by, width = {(r["framework"], r["mode"], r["G"], r["L"]): r for r in results}, 0.8 / max(len(series), 1)
@@ -118,6 +120,9 @@ def write_outputs(out: Path, results: list[dict]) -> None:
         write_chart(results, str(out / "chart.png"))
     except ImportError as e:
         print(f"[bench] no chart.png ({e}): pip install matplotlib", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the chart is a view of results.jsonl; it must never end a bench run
+        print(f"[bench] no chart.png ({type(e).__name__}: {e}); results.jsonl and table.md are written",
+              file=sys.stderr)
 
 
 def _load(paths) -> list[dict]:
