@@ -40,6 +40,9 @@ Command lines (`fastgrpo bench ...` is the same as `python -m fastgrpo.bench ...
   # whole grid (G 4,8,16 x L 256,512,1024; hours): python -m fastgrpo.bench --modes colocate,async,novllm --vllm-alone
   # CPU smoke: python -m fastgrpo.bench --tiny --frameworks fastgrpo --modes novllm --num-generations 2 \\
   #   --max-completion-length 8 --steps 2 --extra '{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}'
+  # settings side by side in one command (each CELL@NAME a row of its own):
+  #   python -m fastgrpo.bench --only vllm-alone,fastgrpo-async,fastgrpo-async@off,vllm-alone \\
+  #       --variant 'off={"async_yield": "off"}' --num-generations 8 --max-completion-length 512
   # table + chart from results files: python -m fastgrpo.bench --report a/results.jsonl b/results.jsonl --out merged
 """
 
