@@ -241,7 +241,8 @@ def train_loop(run: Run) -> dict[str, float]:
                 pending = pool.submit(lambda p=nxt: (p, _generate_beside(run, p)))
             else:
                 pending = None
-            r = _prepare(run, prompts, gen, timer)
+            with yield_points(run.model, yield_mode, generating):  # old/reference logprob passes, if any
+                r = _prepare(run, prompts, gen, timer)
             round_metrics, round_tokens = r.metrics, r.round_tokens  # gathered with the round's token total
             state.total_tokens += round_tokens
             lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths

@@ -10,12 +10,16 @@ generation about 0.4 s).
 
 A yield point makes training wait until the GPU has finished what it has queued. The trainer's context then has
 no work, the GPU switches to a waiting decode step at once, and a decode step waits at most for the stretch of
-training since the last yield point instead of a time slice. The points sit after each decoder layer's forward
-("layer"), or after each of its large parts, attention and MLP ("block"), and at the same places in the backward
-pass (a gradient hook on each output). They apply only while the generation beside training is still running;
-training that outlasts it runs without them. Each point costs training a host round trip (tens of microseconds),
-which the generation's length hides. Compiled layers (torch_compile) get no points: a synchronisation would break
-the compiled graph.
+training since the last yield point instead of a time slice.
+
+- Where: after each decoder layer's forward ("layer"), or after each of its large parts, attention and MLP
+  ("block"); at the same places in the backward pass (a gradient hook on each output); and in the policy's
+  logprob passes of a round (old logprobs with num_iterations > 1, reference logprobs of the PEFT model with
+  beta > 0).
+- When: only while the generation beside training is still running; training that outlasts it runs without them.
+- Cost: a host round trip per point (tens of microseconds). On the recipe, training beside generation took 1.2 s
+  instead of 1.0 s, inside a generation of 2.5-3 s (docs/benchmarks.md 14).
+- Compiled layers (torch_compile) get no points: a synchronisation would break the compiled graph.
 """
 
 from __future__ import annotations
