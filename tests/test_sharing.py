@@ -7,7 +7,7 @@ import torch
 
 from fastgrpo import GRPOConfig
 from fastgrpo.config import ConfigError
-from fastgrpo.sharing import yield_points, yield_targets
+from fastgrpo.sharing import _first_tensor, yield_points, yield_targets
 
 
 def _loss(model, ids):
@@ -122,3 +122,53 @@ def test_default_yield_mode_follows_the_generator(tmp_path):
     assert async_yield_mode(explicit, inproc, cuda) == "block"
     off = GRPOConfig(output_dir=str(tmp_path), async_generation=True, async_yield="off")
     assert async_yield_mode(off, beside, cuda) == "off"
+
+
+@pytest.mark.gpu
+def test_on_gpu_each_point_leaves_the_stream_idle_and_changes_nothing(tiny_model_factory):
+    """With the real wait (the stream's synchronize): right after each yield point, forward and backward, the
+    trainer's stream has nothing queued (what lets the GPU switch to the engine's context), and the loss and
+    gradients equal those without yield points."""
+    model = tiny_model_factory(layers=3, hidden=64).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    loss0 = _loss(model, ids)
+    loss0.backward()
+    grads0 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    idle = []
+
+    def probe(module, args, output):  # registered after the yield point's hook, so it runs right after it
+        idle.append(torch.cuda.current_stream().query())
+        _first_tensor(output).register_hook(lambda g: idle.append(torch.cuda.current_stream().query()))
+
+    with yield_points(model, "layer", lambda: True) as n:
+        handles = [layer.register_forward_hook(probe) for layer in yield_targets(model, "layer")]
+        loss1 = _loss(model, ids)
+        loss1.backward()
+    for h in handles:
+        h.remove()
+    assert n == 3 and len(idle) == 6 and all(idle)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads0, model.parameters()))
+
+
+@pytest.mark.gpu
+def test_an_async_run_with_yield_points_trains_on_gpu(tiny_model_factory, char_tokenizer, conversational_dataset,
+                                                      tiny_config, tmp_path):
+    """The loop's wiring on a GPU: async generation (transformers, in a thread) with async_yield='layer' trains
+    the LoRA weights and leaves the base weights alone."""
+    from peft import LoraConfig
+
+    from conftest import content_reward
+    from fastgrpo import GRPOTrainer
+
+    config = tiny_config(max_steps=3, async_generation=True, async_yield="layer", output_dir=str(tmp_path / "run"))
+    trainer = GRPOTrainer(tiny_model_factory(), content_reward, args=config, train_dataset=conversational_dataset,
+                          processing_class=char_tokenizer,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert trainer.state.global_step == 3
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
