@@ -360,13 +360,16 @@ case $phase in
   echo quit | nvidia-cuda-mps-control
   ;;
 31)  # one GPU (issue 6, async): yield points (async_yield 'layer' / 'block') against none, in one bench command,
-    # alternated and bracketed by vLLM alone (ORDER, budget BB); GT=1 first runs the kernel GPU tests (TT seconds)
+    # alternated and bracketed by vLLM alone (ORDER, budget BB); GT=1 first runs GPU tests (GTESTS, default the
+    # kernel tests; TT seconds)
   export CUDA_VISIBLE_DEVICES=0
   if [ -n "${GT:-}" ]; then
-    timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_logprobs.py \
-      > "$R/gpu-tests.txt" 2>&1; echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
-    grep -E "passed|failed|Error" "$R/gpu-tests.txt" | tail -8 | tee -a "$R/summary.txt"
+    timeout "${TT:-200}" python -m pytest -q -p no:cacheprovider -m gpu -rs -s \
+      ${GTESTS:-tests/test_kernels.py tests/test_logprobs.py} > "$R/gpu-tests.txt" 2>&1
+    echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
+    grep -E "passed|failed|Error|FIGURE" "$R/gpu-tests.txt" | tail -16 | tee -a "$R/summary.txt"
   fi
+  [ -n "${ORDER:-x}" ] || exit 0  # ORDER= (empty): the tests only
   v yield "${BB:-500}" "${ORDER:-vllm-alone,fastgrpo-async@layer,fastgrpo-async,vllm-alone}" '{}' \
     --variant 'layer={"async_yield": "layer"}' --variant 'block={"async_yield": "block"}' \
     --variant 'off={"async_yield": "off"}'
