@@ -369,7 +369,7 @@ case $phase in
     echo "gpu tests: exit $?" | tee -a "$R/summary.txt"
     grep -E "passed|failed|Error|FIGURE" "$R/gpu-tests.txt" | tail -16 | tee -a "$R/summary.txt"
   fi
-  [ -n "${ORDER:-x}" ] || exit 0  # ORDER= (empty): the tests only
+  [ -n "${ORDER-x}" ] || exit 0  # ORDER= (set, empty): the tests only
   v yield "${BB:-500}" "${ORDER:-vllm-alone,fastgrpo-async@layer,fastgrpo-async,vllm-alone}" '{}' \
     --variant 'layer={"async_yield": "layer"}' --variant 'block={"async_yield": "block"}' \
     --variant 'off={"async_yield": "off"}'
