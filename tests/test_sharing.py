@@ -172,3 +172,21 @@ def test_an_async_run_with_yield_points_trains_on_gpu(tiny_model_factory, char_t
     assert trainer.state.global_step == 3
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
     assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+
+
+def test_async_yield_from_yaml_and_the_command_line(tmp_path):
+    """YAML (and so the CLI's override values) reads a bare off/on as false/true; 'None' from an argument parser
+    is the default."""
+    from fastgrpo.cli import load_run_config
+
+    def load(value):
+        cfg, _ = load_run_config(None, ["--model", "x", "--output_dir", str(tmp_path), "--async_generation", "true",
+                                        "--async_yield", value])
+        return cfg.async_yield
+
+    assert [load(v) for v in ("off", "on", "layer", "None", "block")] == ["off", "layer", "layer", None, "block"]
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: x\noutput_dir: {tmp_path}\nasync_generation: true\nasync_yield: off\n")
+    assert load_run_config(str(path))[0].async_yield == "off"
+    with pytest.raises(ConfigError, match="async_yield"):
+        load("layers")

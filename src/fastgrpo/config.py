@@ -378,7 +378,8 @@ def _is_number(text: str) -> bool:
 #: Types a field takes beyond its annotation. The annotations stay in the one-type-or-None forms that argument
 #: parsers built from dataclasses (transformers' HfArgumentParser, TRL's TrlParser) can turn into options.
 _ALSO_ACCEPTS = {"resume_from_checkpoint": ["bool"], "scale_rewards": ["bool"],
-                 "save_strategy": ["bool"], "eval_strategy": ["bool"]}  # YAML's bare `no` is False
+                 "save_strategy": ["bool"], "eval_strategy": ["bool"],  # YAML's bare `no` is False
+                 "async_yield": ["bool"]}  # and its bare `off` / `on` are False / True
 
 
 def _check_types(c: GRPOConfig) -> None:
@@ -546,6 +547,10 @@ def _validate(c: GRPOConfig) -> None:
             setattr(c, name, "no")
         elif getattr(c, name) is True:
             raise ConfigError(f"{name}=True: write one of {STRATEGIES} (quoted in YAML: '{name}: \"steps\"').")
+    if isinstance(c.async_yield, bool):
+        c.async_yield = "layer" if c.async_yield else "off"
+    elif isinstance(c.async_yield, str) and c.async_yield.strip().lower() == "none":
+        c.async_yield = None  # from argument parsers: the default
     if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.strip().lower() in ("true", "false"):
         c.resume_from_checkpoint = c.resume_from_checkpoint.strip().lower() == "true"  # from argument parsers
     if isinstance(c.vllm_kv_cache_memory_bytes, str) and c.vllm_kv_cache_memory_bytes.strip().lower() == "none":

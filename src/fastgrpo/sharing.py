@@ -20,6 +20,9 @@ training since the last yield point instead of a time slice.
 - Cost: a host round trip per point (tens of microseconds). On the recipe, training beside generation took 1.2 s
   instead of 1.0 s, inside a generation of 2.5-3 s (docs/benchmarks.md 14).
 - Compiled layers (torch_compile) get no points: a synchronisation would break the compiled graph.
+- Not measured: under CUDA MPS the two processes' kernels run at once instead of by time slice, so the points may
+  buy nothing there (set async_yield="off"); with "block" and gradient checkpointing, the recomputation in the
+  backward pass passes the block points again (more waits, same results).
 """
 
 from __future__ import annotations
