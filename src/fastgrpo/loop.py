@@ -32,7 +32,7 @@ from .distributed import Dist, all_gather_rows, all_reduce_max, average_gradient
 from .loss import LossParams
 from .metrics import MetricsSink, Timer
 from .rollout import Generation, Generator, SamplingParams
-from .sharing import async_yield_mode, yield_points
+from .sharing import yield_points
 
 
 class TrainingStopped(RuntimeError):
@@ -76,6 +76,7 @@ class Run:
     stop_signal: list = field(default_factory=list)
     stream_mark: Any = None
     lockstep_passes: bool = False  # FSDP2: every rank runs as many forward passes as the others (each all-gathers)
+    yield_mode: str = "off"  # async_yield as resolved for this run (fastgrpo.sharing.async_yield_mode)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -218,7 +219,7 @@ def train_loop(run: Run) -> dict[str, float]:
     step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
     pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
     pending: Future | None = None
-    yield_mode = async_yield_mode(cfg, run.generator, run.device)
+    yield_mode = run.yield_mode if pool is not None else "off"
 
     def generating() -> bool:  # the next round is still being generated beside this one's training
         return pending is not None and not pending.done()

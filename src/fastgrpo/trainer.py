@@ -32,6 +32,7 @@ from .modeling import base_model
 from .optim import make_optimizer, make_scheduler
 from .rewards import RewardError, check_signature, resolve_reward, score
 from .rollout import SamplingParams, make_generator
+from .sharing import async_yield_mode
 from .script_api import ScriptAPI
 
 log = logging.getLogger("fastgrpo")
@@ -228,6 +229,12 @@ class GRPOTrainer(ScriptAPI):
         generator = self._get_generator()
         if generator.owns_weights:
             generator.update_weights(self.model)
+        yield_mode = async_yield_mode(args, generator, self.device)
+        if yield_mode != "off":
+            log.info("async_yield=%r: while the next batch is generated beside it, training waits for the GPU at "
+                     "each %s (fastgrpo.sharing)", yield_mode,
+                     "decoder layer" if yield_mode == "layer" else "attention and MLP block")
+            self.speedups = [s for s in self.speedups if not s.startswith("async_yield")] + [f"async_yield={yield_mode}"]
         sink = MetricsSink(args.output_dir, args.reporters, args.project, args.run_name, args.trackio_space_id,
                            args.to_dict(), total, self.state.global_step, not args.disable_tqdm, self.dist.is_main)
         self._last_saved = self.state.global_step if resume else None
@@ -242,7 +249,7 @@ class GRPOTrainer(ScriptAPI):
                   autocast=self._autocast, save=lambda: None,
                   token_budget=self._token_budget(),
                   evaluate=self.evaluate if self.eval_prompts is not None and args.eval_strategy != "no" else None,
-                  lockstep_passes=self.fsdp)
+                  lockstep_passes=self.fsdp, yield_mode=yield_mode)
         run.stream_mark = copy.copy(stream.state)
         run.epochs_done = int(self.state.epoch)
         if args.eval_on_start and run.evaluate is not None and self.state.global_step == 0:
