@@ -629,3 +629,21 @@ def test_auto_token_budget_follows_free_memory_and_model_size():
     mid = auto_token_budget(small, 20 * gib)
     assert MIN_GPU_TOKEN_BUDGET < mid < AUTO_GPU_TOKEN_BUDGET and mid * per_token <= 10 * gib  # half the free memory
     assert auto_token_budget(big, 40 * gib) < auto_token_budget(small, 40 * gib)
+
+
+def test_vllm_context_without_max_prompt_length_is_the_longest_prompt_plus_completions(
+        tiny_model_factory, char_tokenizer, conversational_dataset, tiny_config):
+    """max_prompt_length=None keeps every prompt; colocated vLLM then gets the longest prompt (training and eval
+    data) + max_completion_length as its context instead of the model's whole context."""
+    longest_eval = conversational_dataset.select([0]).map(
+        lambda r: {"prompt": [{"role": "user", "content": r["prompt"][0]["content"] * 9}]})
+    trainer = GRPOTrainer(tiny_model_factory(), content_reward, args=tiny_config(max_prompt_length=None),
+                          train_dataset=conversational_dataset, eval_dataset=longest_eval,
+                          processing_class=char_tokenizer)
+    lengths = [len(p.ids) for p in [*trainer.train_prompts, *trainer.eval_prompts]]
+    assert max(lengths) == len(trainer.eval_prompts[0].ids) > max(len(p.ids) for p in trainer.train_prompts)
+    assert trainer._unbounded_context() == max(lengths) + trainer.args.max_completion_length
+    for bounded in ({"max_prompt_length": 64}, {"max_prompt_length": None, "vllm_max_model_length": 300}):
+        t = GRPOTrainer(tiny_model_factory(), content_reward, args=tiny_config(**bounded),
+                        train_dataset=conversational_dataset, processing_class=char_tokenizer)
+        assert t._unbounded_context() is None  # the config bounds it

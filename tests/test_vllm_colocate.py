@@ -30,6 +30,7 @@ from fastgrpo.rollout.vllm_colocate import (
     engine_process_wanted,
     _sampled_logprobs,
     auto_kv_cache_bytes,
+    check_prompts_fit,
     engine_num_seqs,
     kv_bytes_per_token,
 )
@@ -70,6 +71,13 @@ def test_kv_bytes_per_token_and_auto_size():
     got = auto_kv_cache_bytes(qwen2_05b_like(), num_seqs=64, max_model_len=1024, dtype_bytes=2)
     assert got == int(64 * 1024 * 12288 * 1.2 + 0.999)
     assert auto_kv_cache_bytes(qwen2_05b_like(), 1, 8, 2) == 64 * 1024**2  # floor for tiny engines
+
+
+def test_a_prompt_that_fills_the_context_is_named_with_the_fix():
+    check_prompts_fit([[1] * 5, [2] * 9], 10)
+    check_prompts_fit([], 10)
+    with pytest.raises(ValueError, match=r"prompt 1 has 10 tokens, and vLLM's context is 10 tokens.*max_prompt_length"):
+        check_prompts_fit([[1] * 5, [2] * 10, [3] * 7], 10)
 
 
 def test_engine_num_seqs_follows_the_batch_plan():

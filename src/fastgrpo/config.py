@@ -91,7 +91,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     fsdp: str | list[str] = _f("", "Data parallelism under torchrun: '' picks FSDP2 (parameters, gradients and optimizer state sharded over ranks) for full fine-tuning and replicated ranks for LoRA; 'full_shard' (or a list/space-separated string such as 'full_shard auto_wrap', as in transformers) forces FSDP2; 'no_shard' forces replication. One process: no effect.")
 
     # --- data ---
-    max_prompt_length: int | None = _f(512, "Prompts longer than this many tokens are cut from the left; None keeps all.")
+    max_prompt_length: int | None = _f(512, "Prompts longer than this many tokens are cut from the left; None keeps all (colocated vLLM's context is then the longest prompt of the datasets + max_completion_length, unless vllm_max_model_length is set).")
     shuffle_dataset: bool = _f(True, "Shuffle the prompts each epoch (deterministically from the seed).")
     remove_unused_columns: bool = _f(False, "Accepted for TRL compatibility: every column always reaches the rewards.")
     chat_template_kwargs: dict | str | None = _f(None, "Extra arguments for apply_chat_template (e.g. enable_thinking).")

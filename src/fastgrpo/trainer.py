@@ -395,8 +395,19 @@ class GRPOTrainer(ScriptAPI):
                 path = self._materialize_base()
             self._generator = make_generator(self.model, path, self.processing_class, self.args, self.eos_ids,
                                              self.processing_class.pad_token_id, self.dist.local_rank,
-                                             self.dist.world_size, torch.bfloat16 if self.bf16 else None)
+                                             self.dist.world_size, torch.bfloat16 if self.bf16 else None,
+                                             max_model_len=self._unbounded_context())
         return self._generator
+
+    def _unbounded_context(self) -> int | None:
+        """With max_prompt_length=None and no vllm_max_model_length, vLLM's context: the longest prompt of the
+        datasets + max_completion_length. Without it vLLM would take the model's whole context (32k tokens for
+        Qwen2), and an 'auto' KV cache sized for that many tokens per sequence would not fit beside training."""
+        a = self.args
+        if a.max_prompt_length is not None or a.vllm_max_model_length is not None:
+            return None
+        prompts = [*self.train_prompts, *(self.eval_prompts or [])]
+        return max((len(p.ids) for p in prompts), default=0) + a.max_completion_length
 
     def _materialize_base(self) -> str | None:
         """vLLM loads weights from disk: write the current (merged) weights once when the model came in memory."""

@@ -19,8 +19,11 @@ def vllm_available() -> bool:
 
 
 def make_generator(model, model_path: str | None, tokenizer, config, eos_ids: list[int], pad_id: int,
-                   rank: int = 0, world_size: int = 1, dtype: torch.dtype | None = None) -> Generator:
-    """vLLM (colocated or server) when asked for and possible, else transformers (with one warning)."""
+                   rank: int = 0, world_size: int = 1, dtype: torch.dtype | None = None,
+                   max_model_len: int | None = None) -> Generator:
+    """vLLM (colocated or server) when asked for and possible, else transformers (with one warning).
+    `max_model_len`: colocated vLLM's context where the config sets none (the trainer's longest prompt + the
+    completion length when max_prompt_length is None)."""
     if config.use_vllm and config.vllm_mode == "server":
         from .vllm_client import VLLMServerGenerator
 
@@ -30,7 +33,8 @@ def make_generator(model, model_path: str | None, tokenizer, config, eos_ids: li
 
         if model_path is None:
             raise ValueError("colocated vLLM needs the model on disk (model_path)")
-        return VLLMColocateGenerator(model_path, config, tokenizer, local_rank=rank, world_size=world_size)
+        return VLLMColocateGenerator(model_path, config, tokenizer, local_rank=rank, world_size=world_size,
+                                     max_model_len=max_model_len)
     if config.use_vllm:
         missing = "a CUDA GPU" if not torch.cuda.is_available() else "the vllm package"
         warnings.warn(f"use_vllm=True but {missing} is not available: generating with transformers instead "

@@ -108,6 +108,16 @@ def kv_bytes_per_token(hf_config, dtype_bytes: int, tp: int = 1) -> int:
     return 2 * text.num_hidden_layers * kv_per_rank * head_dim * dtype_bytes
 
 
+def check_prompts_fit(prompts: list[list[int]], max_model_len: int) -> None:
+    """vLLM refuses a prompt that fills its whole context; say which one and what to set instead of its error."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=None)
+    if longest is not None and len(prompts[longest]) >= max_model_len:
+        raise ValueError(f"prompt {longest} has {len(prompts[longest])} tokens, and vLLM's context is "
+                         f"{max_model_len} tokens (max_prompt_length + max_completion_length, or vllm_max_model_length"
+                         f", or the longest training prompt + max_completion_length when max_prompt_length is None). "
+                         "Fix: set max_prompt_length to cut prompts from the left, or a larger vllm_max_model_length.")
+
+
 def auto_kv_cache_bytes(hf_config, num_seqs: int, max_model_len: int, dtype_bytes: int, tp: int = 1) -> int:
     """KV bytes for `num_seqs` full-length sequences at once, with 20% headroom (block rounding, scheduling)."""
     need = num_seqs * max_model_len * kv_bytes_per_token(hf_config, dtype_bytes, tp) * KV_HEADROOM
@@ -446,6 +456,7 @@ class VLLMColocateGenerator(Generator):
 
         if not all_prompts:
             return Generation([], [], [])
+        check_prompts_fit(all_prompts, self.max_model_len)
         requests = [{"prompt_token_ids": p} for p in all_prompts for _ in range(copies)]
         t0 = time.perf_counter()
         hook = self.sampler_logprobs
