@@ -264,3 +264,11 @@ def test_outputs_of_variant_rows_only(tmp_path):
     assert "async @off" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "results.jsonl").read_text())["variant"] == "off"
     assert not (tmp_path / "chart.png").exists()
+
+
+def test_fields_a_framework_lacks_are_named_in_its_row():
+    rows = [_r("trl", "colocate", 7.0, variant="y", variant_fields={"async_yield": "layer"}, key="trl-colocate@y",
+               dropped_extra=["async_yield"]), _r("fastgrpo", "colocate", 2.5, dropped_extra=[])]
+    lines = [ln for ln in bench_report.summarize(rows).splitlines() if ln.startswith("| ")]
+    assert "not in trl's config, so not applied: async_yield" in next(ln for ln in lines if ln.startswith("| trl"))
+    assert "not applied" not in next(ln for ln in lines if ln.startswith("| fastgrpo"))

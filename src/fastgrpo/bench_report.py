@@ -37,6 +37,8 @@ def summarize(results: list[dict]) -> str:
             notes.append("gradient_checkpointing on (TRL default)")
         if r.get("variant"):
             notes.append("variant: " + json.dumps(r.get("variant_fields") or {}))
+        if r.get("dropped_extra"):  # --extra / --variant fields this framework's config lacks: not applied
+            notes.append(f"not in {r['framework']}'s config, so not applied: {', '.join(r['dropped_extra'])}")
         if r["framework"] == "vllm":
             notes.append("vLLM generate() alone, ignore_eos"
                          + (f"; runs around the other cells, in order: {', '.join(_f(x['s_per_step']) for x in r['runs'])} s"
