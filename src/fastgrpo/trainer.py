@@ -305,11 +305,7 @@ class GRPOTrainer(ScriptAPI):
         state = ckpt.full_state(self.model)[0] if self.fsdp else None
         if self.dist.is_main:
             tmp = out.rstrip("/") + ".tmp-save"
-            try:
-                os.makedirs(out, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"save_model: {out!r} cannot be created ({e.strerror or e}). Fix: give a folder "
-                                  "you can write to.") from e
+            _make_dir(out, f"save_model: {out!r}")
             ckpt.save_model_files(self.model, self.processing_class, tmp, state)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -487,13 +483,17 @@ def _check_user_optimizer(optimizer, trainable: list, fsdp: bool) -> None:
                           "trainer.model's trainable parameters, or leave optimizers unset.")
 
 
-def _check_output_dir(path: str) -> None:
-    """Fail before the first step, not at the first metric or checkpoint, when output_dir cannot hold them."""
+def _make_dir(path: str, named: str) -> None:
+    """os.makedirs, where a failure is a ConfigError naming the setting (`named`) that asked for the folder."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"output_dir={path!r} cannot be created ({e.strerror or e}). Fix: choose a folder you can "
-                          "write to.") from e
+        raise ConfigError(f"{named} cannot be created ({e.strerror or e}). Fix: choose a folder you can write to.") from e
+
+
+def _check_output_dir(path: str) -> None:
+    """Fail before the first step, not at the first metric or checkpoint, when output_dir cannot hold them."""
+    _make_dir(path, f"output_dir={path!r}")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir={path!r} is not writable. Fix: choose a folder you can write to.")
 
