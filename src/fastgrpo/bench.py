@@ -152,8 +152,9 @@ def parse_grid(args) -> list[dict]:
         if g < 2 or cps % g:
             raise ValueError(f"num_generations {g}: must be >= 2 and divide --completions-per-step {cps}")
         for length in _csv(args.max_completion_length, int):
-            base = dict(G=g, L=length, steps=args.steps, completions_per_step=cps, per_device_batch=pdb, variant=None, variant_fields=None,
-                        gpu_memory_utilization=args.gpu_memory_utilization, extra=extra)
+            base = dict(G=g, L=length, steps=args.steps, completions_per_step=cps, per_device_batch=pdb,
+                        gpu_memory_utilization=args.gpu_memory_utilization, extra=extra,
+                        variant=None, variant_fields=None)
             cells += [dict(base, framework=f, mode=m) for f in frameworks for m in modes if (f, m) != ("trl", "async")]
             if args.vllm_alone:
                 cells.append(dict(base, framework="vllm", mode="alone"))

@@ -219,7 +219,7 @@ def train_loop(run: Run) -> dict[str, float]:
     step_group = plan.micro_batch * plan.grad_accum           # completions per optimizer step on this rank
     pool = ThreadPoolExecutor(1, thread_name_prefix="fastgrpo-gen") if cfg.async_generation else None
     pending: Future | None = None
-    yield_mode = run.yield_mode if pool is not None else "off"
+    yield_mode = run.yield_mode  # "off" unless async_generation (sharing.async_yield_mode)
 
     def generating() -> bool:  # the next round is still being generated beside this one's training
         return pending is not None and not pending.done()
