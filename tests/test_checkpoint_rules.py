@@ -110,3 +110,13 @@ def test_save_model_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="save_model: .*file/model' cannot be created"):
         _trainer(tmp_path / "run", max_steps=1).save_model(str(tmp_path / "file" / "model"))
+
+
+def test_a_new_run_in_a_used_output_dir_keeps_the_earlier_metrics(tmp_path):
+    _trainer(tmp_path, max_steps=2, save_strategy="no").train()
+    first = (tmp_path / "metrics.jsonl").read_text()
+    _trainer(tmp_path, max_steps=1, save_strategy="no").train()
+    assert (tmp_path / "metrics.1.jsonl").read_text() == first
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    _trainer(tmp_path, max_steps=1, save_strategy="no").train()
+    assert (tmp_path / "metrics.1.jsonl").read_text() == first and (tmp_path / "metrics.2.jsonl").is_file()

@@ -85,8 +85,19 @@ def _clean(metrics: dict) -> dict:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file equals an uninterrupted run's."""
+    """On resume, drop lines logged after the checkpoint so the file equals an uninterrupted run's. A run from
+    step 0 into a folder that already holds metrics keeps them under a numbered name instead of overwriting them."""
     if not os.path.exists(path):
+        return
+    if step == 0:
+        if os.path.getsize(path) > 0:
+            root, ext = os.path.splitext(path)
+            k = 1
+            while os.path.exists(f"{root}.{k}{ext}"):
+                k += 1
+            os.replace(path, f"{root}.{k}{ext}")
+            log.warning("%s held an earlier run's metrics: kept as %s; this run writes a new %s.", path,
+                        os.path.basename(f"{root}.{k}{ext}"), os.path.basename(path))
         return
     with open(path) as f:
         keep = []
