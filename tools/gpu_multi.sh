@@ -362,9 +362,9 @@ case $phase in
 32)  # one GPU: the recipe's script with settings not yet run on a GPU: max_prompt_length=None (vLLM's context from
     # the longest prompt), liger_kernel_config with a value; STEPS steps each (default 3)
   export CUDA_VISIBLE_DEVICES=0; steps=${STEPS:-3}
-  recipe nolimit "" 240 ', "max_prompt_length": null' python "$repo/examples/recipe.py"
+  recipe nolimit 0 240 ', "max_prompt_length": null' python "$repo/examples/recipe.py"
   summary nolimit 128; grep -aE "max_model_len|context|Error|error" "$R/nolimit.log" | grep -v Warning | head -8 | tee -a "$R/summary.txt"
-  recipe ligercfg "" 240 ', "liger_kernel_config": {"rope": true, "swiglu": false}' python "$repo/examples/recipe.py"
+  recipe ligercfg 0 240 ', "liger_kernel_config": {"rope": true, "swiglu": false}' python "$repo/examples/recipe.py"
   summary ligercfg 128; grep -aE "liger|Liger|Error" "$R/ligercfg.log" | head -6 | tee -a "$R/summary.txt"
   ;;
 31)  # one GPU (issue 6, async): yield points (async_yield 'layer' / 'block') against none, in one bench command,
