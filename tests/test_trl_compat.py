@@ -187,7 +187,7 @@ def test_argument_parsers_built_from_the_dataclass_work():
     assert (parsed.scale_rewards, parsed.vllm_kv_cache_memory_bytes, parsed.beta) == ("batch", 2_000_000_000, 0.04)
     assert parsed.reporters == [] and parsed.fsdp_mode == "full_shard"
     assert parsed.resume_from_checkpoint == "/tmp/o/checkpoint-2"
-    assert parsed.model_init_kwargs == {"torch_dtype": "bfloat16"} and parsed.liger_kernel_config == {"rope": False}
+    assert parsed.model_init_kwargs == {"dtype": "bfloat16"} and parsed.liger_kernel_config == {"rope": False}
     assert (parsed.generation_kwargs, parsed.chat_template_kwargs, parsed.gradient_checkpointing_kwargs) == (
         {"min_tokens": 4}, {"enable_thinking": False}, {"use_reentrant": True})
     with pytest.raises(ConfigError, match=r"model_init_kwargs='\{torch_dtype: 1\}' is not JSON"):

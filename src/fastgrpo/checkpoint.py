@@ -237,6 +237,11 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
     if not os.path.isdir(resume):
         raise CheckpointError(f"resume_from_checkpoint={resume!r} does not exist.")
     if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        inner = list_checkpoints(resume)
+        if inner:  # the output folder itself, not one of its checkpoints
+            raise CheckpointError(f"resume_from_checkpoint={resume!r} is a folder of checkpoints "
+                                  f"({', '.join(os.path.basename(c) for c in inner)}), not one checkpoint. Fix: pass "
+                                  f"'{inner[-1]}', or True to take the latest in output_dir.")
         raise CheckpointError(f"{resume} is incomplete (no {STATE_FILE}): it was probably interrupted while being "
                               f"written. Resume from an earlier checkpoint, or pass resume_from_checkpoint=True.")
     return resume

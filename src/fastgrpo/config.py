@@ -450,7 +450,7 @@ LIGER_LOSSES = ("cross_entropy", "fused_linear_cross_entropy")  # fastgrpo's own
 
 
 #: An example value per mapping field, for the error on text that is not JSON.
-_MAPPING_EXAMPLES = {"model_init_kwargs": '{"torch_dtype": "bfloat16"}',
+_MAPPING_EXAMPLES = {"model_init_kwargs": '{"dtype": "bfloat16"}',
                      "gradient_checkpointing_kwargs": '{"use_reentrant": false}',
                      "chat_template_kwargs": '{"enable_thinking": false}', "generation_kwargs": '{"min_tokens": 4}',
                      "liger_kernel_config": '{"rope": true, "swiglu": false}',
@@ -518,6 +518,30 @@ def _check_generation_kwargs(c: GRPOConfig) -> None:
                 alt = {"min_tokens": "min_new_tokens", "stop": "stop_strings"}.get(key) or closest_name(key, known)
                 raise ConfigError(f"generation_kwargs[{key!r}] is not an argument of transformers' generate (the "
                                   "use_vllm=False backend)." + (f" Did you mean '{alt}'?" if alt else ""))
+
+
+def _check_model_init_kwargs(c: GRPOConfig) -> None:
+    """TRL scripts write torch_dtype; transformers 5 reads dtype first and would set the trainer's default there, so
+    a torch_dtype would be ignored without a word. It is renamed, and the value checked before any model loads."""
+    kw = c.model_init_kwargs
+    if not kw:
+        return
+    if "torch_dtype" in kw:
+        old = kw.pop("torch_dtype")
+        if "dtype" in kw and kw["dtype"] != old:
+            raise ConfigError(f"model_init_kwargs sets both dtype={kw['dtype']!r} and torch_dtype={old!r}. Fix: keep "
+                              "dtype (transformers' name; torch_dtype is its old name).")
+        kw["dtype"] = old
+    value = kw.get("dtype")
+    if value is None or value == "auto":
+        return
+    import torch
+
+    name = str(value).removeprefix("torch.")  # the config stays JSON: checkpoints and trackio record it
+    if not isinstance(value, (str, torch.dtype)) or not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ConfigError(f"model_init_kwargs['dtype']={value!r} is not a torch dtype. Fix: 'bfloat16', 'float16', "
+                          "'float32' or 'auto'.")
+    kw["dtype"] = name
 
 
 def _check_engine_env(c: GRPOConfig) -> None:
@@ -613,6 +637,7 @@ def _validate(c: GRPOConfig) -> None:
     _check_liger(c)
     _check_engine_env(c)
     _check_generation_kwargs(c)
+    _check_model_init_kwargs(c)
     unknown = set(c.gradient_checkpointing_kwargs or {}) - _CHECKPOINT_KWARGS
     if unknown:
         raise ConfigError(f"gradient_checkpointing_kwargs: {sorted(unknown)} not among torch.utils.checkpoint's "

@@ -195,12 +195,16 @@ class GRPOTrainer(ScriptAPI):
                 if m is not None:
                     shard_model(m, self.device, self.dist.world_size, self.bf16)
         self.eos_ids = _eos_ids(tok, self.model)
+        _check_vocabulary(self.model, tok, [*self.train_prompts, *(self.eval_prompts or [])], self.eos_ids)
         self.state = ckpt.TrainerState(model_signature=ckpt.model_signature(self.model))
         self._generator = None
         self._last_saved: int | None = None  # the step of the latest checkpoint this trainer wrote
 
     # ------------------------------------------------------------------------------------------- public API
-    def train(self, resume_from_checkpoint: str | bool | None = None, **unused) -> TrainOutput:
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **unknown) -> TrainOutput:
+        if unknown:  # a misspelt resume_from_checkpoint would otherwise start the run again from step 0
+            _unknown_arguments("train", unknown, ["resume_from_checkpoint", "trial", "ignore_keys_for_eval"])
         args = self.args
         if self.dist.is_main:
             _check_output_dir(args.output_dir)
@@ -288,8 +292,10 @@ class GRPOTrainer(ScriptAPI):
         return TrainOutput(global_step=self.state.global_step, **final)
 
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None, **unused) -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **unknown) -> dict[str, float]:
         """Mean of every reward function on the eval prompts (num_generations_eval samples each)."""
+        if unknown:
+            _unknown_arguments("evaluate", unknown, ["eval_dataset", "ignore_keys", "metric_key_prefix"])
         prompts = (prepare_prompts(eval_dataset, self.processing_class, self.args.max_prompt_length, what="eval_dataset",
                                    chat_template_kwargs=self.args.chat_template_kwargs)
                    if eval_dataset is not None else self.eval_prompts)
@@ -530,12 +536,28 @@ def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: Samp
     return out
 
 
+def _unknown_arguments(method: str, unknown: dict, known: list[str]) -> None:
+    from .config import closest_name
+
+    hints = [f"'{k}' (did you mean '{h}'?)" if (h := closest_name(k, known)) else f"'{k}'" for k in sorted(unknown)]
+    raise TypeError(f"GRPOTrainer.{method}() got unexpected keyword arguments {', '.join(hints)}; it takes "
+                    f"{', '.join(known)}.")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _load_tokenizer(model: Any):
     from transformers import AutoTokenizer
 
     path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path:
         raise ConfigError("cannot tell which tokenizer to use: pass processing_class=tokenizer.")
+    if os.path.isfile(os.path.join(path, "config.json")) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        # AutoTokenizer would build an empty tokenizer from config.json alone, and every prompt would fail later
+        raise ConfigError(f"model folder {path!r} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}). Fix: "
+                          "pass processing_class=AutoTokenizer.from_pretrained(<the tokenizer's folder or hub id>), "
+                          "or save it next to the model with tokenizer.save_pretrained(folder).")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -599,6 +621,22 @@ def _gather_dispatched(model, device) -> None:
     if len(devices) > 1:
         warnings.warn(f"the model was dispatched over {devices} (device_map); fastgrpo trains a whole copy on {device} "
                       "per process, so it was gathered there. Load it with device_map=None to skip the detour.")
+
+
+def _check_vocabulary(model, tokenizer, prompts, eos_ids: list[int]) -> None:
+    """Token ids beyond the embedding's rows (tokens added to the tokenizer, the model not resized) fail deep in
+    the first forward pass, on a GPU as a device-side assert; here they fail before any step, with the fix."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        return
+    top = max((max(p.ids) for p in prompts if len(p.ids)), default=-1)
+    top = max([top, tokenizer.pad_token_id or 0, *eos_ids])
+    if top >= rows:
+        raise ConfigError(f"the tokenizer gives token id {top}, but the model's embedding has {rows} rows "
+                          f"(len(tokenizer) = {len(tokenizer)}): tokens were added to the tokenizer without resizing "
+                          "the model. Fix: model.resize_token_embeddings(len(tokenizer)) before passing the model, "
+                          "or the tokenizer that belongs to it.")
 
 
 def _eos_ids(tokenizer, model) -> list[int]:

@@ -41,7 +41,7 @@ def make_generator(model, model_path: str | None, tokenizer, config, eos_ids: li
                       "(slower, same training).", stacklevel=2)
     own_copy = config.async_generation
     batch = config.batch_plan(world_size).completions_per_rank  # one round per generate call
-    return HFGenerator(model, eos_ids, pad_id, batch_size=batch, own_copy=own_copy, dtype=dtype)
+    return HFGenerator(model, eos_ids, pad_id, batch_size=batch, own_copy=own_copy, dtype=dtype, tokenizer=tokenizer)
 
 
 from .hf import HFGenerator  # noqa: E402

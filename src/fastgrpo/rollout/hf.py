@@ -75,7 +75,7 @@ class InverseCdfSampler(LogitsProcessor):
 
 class HFGenerator(Generator):
     def __init__(self, model: torch.nn.Module, eos_ids: list[int], pad_id: int, batch_size: int = 256,
-                 own_copy: bool = False, dtype: torch.dtype | None = None) -> None:
+                 own_copy: bool = False, dtype: torch.dtype | None = None, tokenizer=None) -> None:
         from ..config import ConfigError
         from ..distributed import is_sharded
 
@@ -93,6 +93,7 @@ class HFGenerator(Generator):
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.dtype = dtype
+        self.tokenizer = tokenizer  # transformers' generate needs it for generation_kwargs' stop_strings
         self._stats: dict[str, float] = {}
         self._graph = "graph"  # graphed decoding on CUDA: "graph", "eager" after a failed capture, "off"
 
@@ -141,6 +142,8 @@ class HFGenerator(Generator):
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
                                   repetition_penalty=params.repetition_penalty, synced_gpus=self.synced, **params.extra)
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                    if "stop_strings" in kwargs and self.tokenizer is not None:
+                        kwargs["tokenizer"] = self.tokenizer
                     if params.temperature > 0:
                         kwargs["logits_processor"] = LogitsProcessorList([InverseCdfSampler(
                             params.temperature, params.top_k, params.top_p, params.min_p)])

@@ -1,0 +1,93 @@
+"""Inputs a TRL user brings that fastgrpo used to take silently or fail on deep inside torch: TRL's torch_dtype,
+a tokenizer grown without resizing the model, a model folder without tokenizer files, misspelt train() keywords,
+the output folder given as the checkpoint to resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastgrpo import GRPOConfig, GRPOTrainer
+from fastgrpo.checkpoint import CheckpointError
+from fastgrpo.config import ConfigError
+from fastgrpo.testing import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
+
+DATA = [{"prompt": f"Q{i}: 1+{i}=", "solution": str(i + 1)} for i in range(4)]
+SMALL = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=4, max_steps=1,
+             disable_tqdm=True, report_to="none")
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _args(tmp_path, **kw):
+    return GRPOConfig(output_dir=str(tmp_path / "out"), **{**SMALL, "save_strategy": "no", **kw})
+
+
+@pytest.mark.parametrize("kwargs", [{"torch_dtype": "bfloat16"}, '{"torch_dtype": "torch.bfloat16"}',
+                                    {"dtype": torch.bfloat16}])
+def test_trl_torch_dtype_loads_the_model_in_that_dtype(tmp_path, kwargs):
+    folder = save_tiny_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64)
+    args = _args(tmp_path, model_init_kwargs=kwargs)
+    assert args.model_init_kwargs == {"dtype": "bfloat16"}
+    trainer = GRPOTrainer(model=folder, reward_funcs=reward_len, args=args, train_dataset=DATA)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"torch_dtype": "bfloat32"}, r"model_init_kwargs\['dtype'\]='bfloat32' is not a torch dtype"),
+    ({"dtype": "float32", "torch_dtype": "float16"}, "both dtype='float32' and torch_dtype='float16'"),
+    ({"dtype": 16}, "is not a torch dtype"),
+])
+def test_bad_model_dtypes_fail_in_the_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GRPOConfig(model_init_kwargs=kwargs)
+
+
+def test_a_tokenizer_larger_than_the_embedding_fails_before_training(tmp_path):
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    rows = model.get_input_embeddings().num_embeddings
+    n = rows - len(tok) + 3  # the last added token's id is past the embedding's rows
+    tok.add_tokens([f"<extra_{i}>" for i in range(n)])
+    data = [{"prompt": f"Q{i}: 1+1? <extra_{n - 1}>"} for i in range(4)]
+    with pytest.raises(ConfigError, match=r"embedding has \d+ rows.*resize_token_embeddings\(len\(tokenizer\)\)"):
+        GRPOTrainer(model=model, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=data,
+                    processing_class=tok)
+    model.resize_token_embeddings(len(tok))  # the fix the message names
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=data,
+                          processing_class=tok)
+    assert trainer.train().global_step == 1
+
+
+def test_a_model_folder_without_tokenizer_files_names_the_fix(tmp_path):
+    folder = str(tmp_path / "m")
+    build_tiny_qwen2(build_char_tokenizer(), hidden_size=32, intermediate_size=64).save_pretrained(folder)
+    with pytest.raises(ConfigError, match="holds no tokenizer files.*processing_class="):
+        GRPOTrainer(model=folder, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=DATA)
+    build_char_tokenizer(save_dir=folder)
+    GRPOTrainer(model=folder, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=DATA)
+
+
+def test_misspelt_train_keyword_and_the_output_folder_as_checkpoint(tmp_path):
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    args = _args(tmp_path, save_strategy="steps", save_steps=1)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=DATA, processing_class=tok)
+    trainer.train()
+    assert os.path.isdir(tmp_path / "out" / "checkpoint-1")
+    with pytest.raises(TypeError, match="'resume_from_checkpint' \\(did you mean 'resume_from_checkpoint'\\?\\)"):
+        trainer.train(resume_from_checkpint=True)
+    with pytest.raises(CheckpointError, match="folder of checkpoints \\(checkpoint-1\\).*checkpoint-1'"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out"))
+
+
+def test_stop_strings_reach_transformers_generate_with_the_tokenizer(tmp_path):
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    args = _args(tmp_path, use_vllm=False, generation_kwargs={"stop_strings": ["a"]}, max_completion_length=12)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=DATA, processing_class=tok)
+    assert trainer.train().global_step == 1
