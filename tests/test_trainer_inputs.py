@@ -91,3 +91,45 @@ def test_stop_strings_reach_transformers_generate_with_the_tokenizer(tmp_path):
     args = _args(tmp_path, use_vllm=False, generation_kwargs={"stop_strings": ["a"]}, max_completion_length=12)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=DATA, processing_class=tok)
     assert trainer.train().global_step == 1
+
+
+def _oom_trainer(tmp_path, fail_at: int, where: str):
+    """A run whose training forward (where='forward') or optimizer step (where='update') runs out of memory at its
+    `fail_at`-th call: the error a too-large micro-batch gives on a GPU, raised here on CPU."""
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    calls = {"n": 0}
+
+    def count_and_fail():
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    class Adam(torch.optim.AdamW):
+        def step(self, closure=None):
+            if where == "update":
+                count_and_fail()
+            return super().step(closure)
+
+    if where == "forward":
+        model.model.layers[0].register_forward_pre_hook(lambda m, a: count_and_fail() if m.training else None)
+    args = _args(tmp_path, max_steps=4, use_vllm=False, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    opt = Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=DATA, processing_class=tok,
+                       optimizers=(opt, None))
+
+
+def test_out_of_memory_in_a_training_pass_keeps_the_last_finished_step(tmp_path):
+    from fastgrpo.loop import TrainingStopped
+
+    trainer = _oom_trainer(tmp_path, fail_at=3, where="forward")
+    with pytest.raises(TrainingStopped, match="out of memory.*checkpoint-2"):
+        trainer.train()
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-2" / "training_state.pt")
+
+
+def test_out_of_memory_inside_the_optimizer_step_saves_no_half_updated_state(tmp_path):
+    trainer = _oom_trainer(tmp_path, fail_at=3, where="update")
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]

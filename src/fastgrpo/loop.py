@@ -150,7 +150,11 @@ def _optimizer_step(run: Run, sums: dict[str, torch.Tensor]) -> tuple[float, boo
     norm_value, bad = torch.cat([norm.detach().float().reshape(1).cpu(), bad_loss.cpu()]).tolist()
     ok = math.isfinite(norm_value) and bad == 0
     if ok:
-        run.optimizer.step()
+        try:
+            run.optimizer.step()
+        except torch.OutOfMemoryError as e:
+            e.partial_update = True  # some parameters may be updated and others not: no checkpoint of this state
+            raise
         run.scheduler.step()
     else:  # a skipped update still takes its place in the schedule; torch's "scheduler before optimizer" note is moot
         with warnings.catch_warnings():

@@ -266,7 +266,12 @@ class GRPOTrainer(ScriptAPI):
         except (TrainingStopped, KeyboardInterrupt):
             raise
         except Exception as e:
-            if getattr(e, "resumable", False) and self.state.global_step > 0:  # at step 0 there is nothing to keep
+            # Out of GPU memory in a generation or a training pass: the weights and the optimizer are still those of
+            # the last finished step, and unwinding freed the pass's memory, so that state is kept like a reward error's
+            oom = isinstance(e, torch.OutOfMemoryError) and not getattr(e, "partial_update", False)
+            if oom and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if (getattr(e, "resumable", False) or oom) and self.state.global_step > 0:  # at step 0 nothing to keep
                 # Other ranks may be elsewhere in the step (a generation error is per rank): save without collectives
                 path = (os.path.join(args.output_dir, f"checkpoint-{self.state.global_step}")
                         if self._last_saved == self.state.global_step and not args.save_only_model
