@@ -133,3 +133,19 @@ def test_out_of_memory_inside_the_optimizer_step_saves_no_half_updated_state(tmp
     with pytest.raises(torch.OutOfMemoryError):
         trainer.train()
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
+
+
+def test_paths_and_numpy_scalars_are_taken_as_plain_values(tmp_path):
+    import json
+    import pathlib
+
+    import numpy as np
+
+    folder = pathlib.Path(save_tiny_model(str(tmp_path / "m"), hidden_size=32, intermediate_size=64))
+    args = GRPOConfig(output_dir=tmp_path / "out", num_generations=np.int64(2), learning_rate=np.float64(1e-4),
+                      **{k: v for k, v in SMALL.items() if k != "num_generations"}, save_strategy="no")
+    assert (args.output_dir, args.num_generations) == (str(tmp_path / "out"), 2)
+    assert type(args.num_generations) is int and type(args.learning_rate) is float
+    json.dumps(args.to_dict())  # what checkpoints and trackio record
+    trainer = GRPOTrainer(model=folder, reward_funcs=reward_len, args=args, train_dataset=DATA)
+    assert trainer.train().global_step == 1

@@ -19,6 +19,8 @@ import difflib
 import functools
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -389,6 +391,13 @@ def _check_types(c: GRPOConfig) -> None:
             continue
         value = getattr(c, f.name)
         kinds = FIELD_TYPES[f.name] + _ALSO_ACCEPTS.get(f.name, [])
+        # pathlib paths and numpy scalars are what scripts hold; the config keeps plain values (it is saved as JSON)
+        if "str" in kinds and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(c, f.name, value)
+        elif isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
+            value = value.item()
+            setattr(c, f.name, value)
         if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
             continue
         if "int" in kinds and "float" not in kinds and isinstance(value, float) and value.is_integer():

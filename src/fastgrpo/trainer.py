@@ -141,6 +141,8 @@ class GRPOTrainer(ScriptAPI):
         if eval_rows is None and args.eval_strategy not in ("no", None):
             raise ConfigError(f"eval_strategy={args.eval_strategy!r} needs an eval_dataset. Fix: pass "
                               "eval_dataset=... to GRPOTrainer, or set eval_strategy='no'.")
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
         _check_model_path(model)
 
         self.model_path = model if isinstance(model, str) else None
