@@ -149,3 +149,28 @@ def test_paths_and_numpy_scalars_are_taken_as_plain_values(tmp_path):
     json.dumps(args.to_dict())  # what checkpoints and trackio record
     trainer = GRPOTrainer(model=folder, reward_funcs=reward_len, args=args, train_dataset=DATA)
     assert trainer.train().global_step == 1
+
+
+def test_a_model_without_a_language_model_head_or_weights_fails_at_construction(tmp_path):
+    tok = build_char_tokenizer()
+    causal = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    with pytest.raises(ConfigError, match="Qwen2Model.*no language-model head.*AutoModelForCausalLM"):
+        GRPOTrainer(model=causal.model, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=DATA,
+                    processing_class=tok)
+    with torch.device("meta"):
+        empty = type(causal)(causal.config)
+    with pytest.raises(ConfigError, match="meta device"):
+        GRPOTrainer(model=empty, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=DATA,
+                    processing_class=tok)
+
+
+def test_train_again_past_the_end_says_there_is_nothing_to_train(tmp_path):
+    tok = build_char_tokenizer()
+    model = build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=_args(tmp_path), train_dataset=DATA,
+                          processing_class=tok)
+    trainer.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="nothing to train: the run is at step 1.*raise max_steps"):
+        assert trainer.train().global_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

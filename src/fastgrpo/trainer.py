@@ -163,6 +163,7 @@ class GRPOTrainer(ScriptAPI):
                                              chat_template_kwargs=args.chat_template_kwargs)
                              if eval_rows is not None else None)
         self.model = _load_model(model, args, self.bf16)
+        _check_policy(self.model)
         if peft_config is not None:
             from peft import PeftConfig, get_peft_model
 
@@ -232,6 +233,9 @@ class GRPOTrainer(ScriptAPI):
                             "(config.fastgrpo.json).", os.path.basename(resume),
                             "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         self.state.max_steps = total
+        if self.state.global_step >= total:  # a second train(), or a resume past the end: say so, start nothing
+            warnings.warn(f"nothing to train: the run is at step {self.state.global_step} and max_steps (or the epochs) "
+                          f"end at step {total}. Fix: raise max_steps (or num_train_epochs) to go on.", stacklevel=2)
         generator = self._get_generator()
         if generator.owns_weights:
             generator.update_weights(self.model)
@@ -591,6 +595,19 @@ def _check_model_path(model: Any) -> None:
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"model path {model!r} does not exist. Fix: check the path (relative paths start from "
                           f"{os.getcwd()}), or pass a hub id such as 'Qwen/Qwen2-0.5B-Instruct'.")
+
+
+def _check_policy(model) -> None:
+    """A model without a language-model head, or one still on the meta device, would fail at the first generation."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or not hasattr(inner, "generate"):
+        raise ConfigError(f"the model ({type(inner).__name__}) has no language-model head to generate with. Fix: load "
+                          "it with AutoModelForCausalLM (e.g. Qwen2ForCausalLM, not Qwen2Model or a "
+                          "*ForSequenceClassification), or pass its folder or hub id.")
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError("the model's weights are on the meta device (built without weights, e.g. under "
+                          "init_empty_weights or device_map='meta'). Fix: load the weights (from_pretrained) first.")
 
 
 def _load_model(model: Any, args: GRPOConfig, bf16: bool):
