@@ -4,22 +4,31 @@ A run config is one YAML file. Four top-level keys describe what to train; every
 
     model: Qwen/Qwen2-0.5B-Instruct        # hub id or local folder
     dataset: {path: AI-MO/NuminaMath-TIR, split: "train[:10%]", prompt_column: problem,
-              system_prompt: "...", eval_split: "test[:10%]"}
-    rewards: [format, accuracy]             # built-in names, module:function, or reward-model folders
+              system_prompt: "...", eval_split: "test[:10%]"}   # data_files: {train: a.jsonl} picks files
+    rewards: [format, accuracy]             # built-in names, module:function, path/to/file.py:function, or
+                                            # reward-model folders; modules and files are looked up in the current
+                                            # folder, then in the config file's folder
     peft: {r: 8, lora_alpha: 32, target_modules: [q_proj, v_proj]}   # omit for full fine-tuning
     learning_rate: 1.0e-5                   # ...any GRPOConfig field
 
 `--field value` on the command line overrides the file (`--dataset.split train[:1%]` for nested keys).
-Errors in the file or the flags name the field, the allowed values and the closest valid name, before any model
-is loaded.
+Errors in the file or the flags name the field, the allowed values and the closest valid name (or, for TRL's
+script arguments such as model_name_or_path or lora_r, the fastgrpo key that replaces them), before any model is
+loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import json
+import logging
+import os
+import shlex
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +40,8 @@ from .config import FIELD_NAMES, FIELD_TYPES, ConfigError, GRPOConfig, closest_n
 SPEC_KEYS = ("model", "dataset", "rewards", "peft")
 DATASET_KEYS = ("path", "split", "name", "prompt_column", "system_prompt", "eval_split", "chat", "data_files")
 
+log = logging.getLogger("fastgrpo")
+
 
 @dataclass
 class RunSpec:
@@ -40,6 +51,7 @@ class RunSpec:
     dataset: dict = field(default_factory=dict)
     rewards: list = field(default_factory=lambda: ["format", "accuracy"])
     peft: dict | None = None
+    config_dir: str | None = None   # the YAML's folder: rewards' module:function and file.py:function look there too
 
 
 class _UniqueKeys(yaml.SafeLoader):
@@ -109,6 +121,76 @@ def _coerce_numbers(values: dict) -> None:
             values[key] = int(number) if number.is_integer() and "e" not in value.lower() and "." not in value else number
 
 
+#: TRL's ScriptArguments / ModelConfig and open-r1's script arguments that are not GRPOConfig fields, and the key
+#: that holds the same setting in a fastgrpo run config. Looked up before the closest-name guess, which for these
+#: names points at unrelated fields (torch_dtype -> torch_threads, lora_r -> local_rank).
+TRL_NAMES: dict[str, tuple[str, ...]] = {
+    "model_name_or_path": ("model",), "reward_funcs": ("rewards",), "kl_coef": ("beta",), "lr": ("learning_rate",),
+    "torch_dtype": ("model_init_kwargs", "dtype"),
+    "attn_implementation": ("model_init_kwargs", "attn_implementation"),
+    "dataset_name": ("dataset", "path"), "dataset_config": ("dataset", "name"),
+    "dataset_train_split": ("dataset", "split"), "dataset_test_split": ("dataset", "eval_split"),
+    "dataset_prompt_column": ("dataset", "prompt_column"), "system_prompt": ("dataset", "system_prompt"),
+    "lora_r": ("peft", "r"), "lora_alpha": ("peft", "lora_alpha"), "lora_dropout": ("peft", "lora_dropout"),
+    "lora_target_modules": ("peft", "target_modules"), "lora_modules_to_save": ("peft", "modules_to_save"),
+    "use_rslora": ("peft", "use_rslora"), "use_dora": ("peft", "use_dora"),
+}
+#: TRL names with no key of their own here: what to do instead.
+TRL_NOTES = {
+    "use_peft": "use_peft: false: remove it (and the lora_* keys); a run config without a peft key trains the whole "
+                "model",
+    "lora_task_type": "lora_task_type: fastgrpo's LoRA is always CAUSAL_LM; remove it",
+    "model_revision": "model_revision: the tokenizer is read from the default revision, so download the revision to "
+                      "a folder (hf download ID --revision REV --local-dir DIR) and set model: DIR",
+    "dataset_streaming": "dataset_streaming: fastgrpo needs a sized dataset; remove it and take a slice instead, "
+                         "e.g. dataset: {split: 'train[:10000]'}",
+}
+_TRL_LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+
+
+def _trl_names_error(trl_keys: dict[str, Any], where: str) -> ConfigError:
+    """One error for every TRL-only key of the config, with the fastgrpo keys that replace them."""
+    names = {k.replace("-", "_"): v for k, v in trl_keys.items()}
+    use_peft = names.get("use_peft")
+    suggested: dict[tuple[str, ...], Any] = {}
+    for name, value in names.items():
+        target = TRL_NAMES.get(name)
+        if target and not (target[0] == "peft" and use_peft is False):  # TRL ignores lora_* when use_peft is false
+            long_text = isinstance(value, str) and (len(value) > 200 or "\n" in value)  # a system prompt, say
+            suggested[target] = "..." if long_text else value
+    notes = [TRL_NOTES[n] for n in names if n in TRL_NOTES and not (n == "use_peft" and use_peft)]
+    if use_peft or any(t[0] == "peft" for t in suggested):
+        given = {t[1] for t in suggested if t[0] == "peft"}
+        for key, default in _TRL_LORA_DEFAULTS.items():  # what TRL's LoRA would have used
+            suggested.setdefault(("peft", key), default)
+        defaulted = [k for k in _TRL_LORA_DEFAULTS if k not in given]
+        if defaulted:
+            notes.append(f"peft: {', '.join(defaulted)} at TRL's defaults")
+        if use_peft is None:
+            notes.append("TRL applies lora_* only with use_peft: true; without a peft key fastgrpo trains the whole "
+                         "model")
+    grouped: dict[str, Any] = {}
+    for path, value in suggested.items():
+        if len(path) == 1:
+            grouped[path[0]] = value
+        else:
+            grouped.setdefault(path[0], {})[path[1]] = value
+    msg = (f"{where}: {', '.join(repr(k) for k in trl_keys)}: names from TRL's script arguments (ScriptArguments, "
+           f"ModelConfig, open-r1), not fastgrpo config fields.")
+    if grouped:
+        text = yaml.safe_dump(grouped, default_flow_style=None, sort_keys=False, width=10**6)
+        flags = " ".join(f"--{'.'.join(p)} {shlex.quote(_flow(v))}" for p, v in suggested.items())
+        msg += f" Write instead:\n{textwrap.indent(text, '  ')}(on the command line: {flags})"
+    if notes:
+        msg += "\n" + "\n".join(f"  {n}" for n in notes)
+    return ConfigError(msg)
+
+
+def _flow(value: Any) -> str:
+    """A value as it is written after --field on the command line (YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> tuple[GRPOConfig, RunSpec]:
     """Read a YAML run config (and command-line overrides) into (GRPOConfig, RunSpec)."""
     values: dict = {}
@@ -128,6 +210,10 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
             raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(values).__name__}.")
     values = _apply_overrides(dict(values), overrides or [])
     spec_values = {k: values.pop(k) for k in SPEC_KEYS if k in values}
+    trl_keys = {k: v for k, v in values.items()
+                if k not in FIELD_NAMES and (k.replace("-", "_") in TRL_NAMES or k.replace("-", "_") in TRL_NOTES)}
+    if trl_keys:
+        raise _trl_names_error(trl_keys, path or "command line")
     for key in values:
         if key not in FIELD_NAMES:
             hint = closest_name(key, list(FIELD_NAMES) + list(SPEC_KEYS))
@@ -139,14 +225,15 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
     ds = spec_values.get("dataset") or {}
     if isinstance(ds, str):
         ds = {"path": ds}
+    if not isinstance(ds, dict):
+        raise ConfigError(f"dataset must be a path or a mapping such as {{path: data.jsonl, prompt_column: problem}}, "
+                          f"got {ds!r}.")
     for key in ds:
         if key not in DATASET_KEYS:
             hint = closest_name(key, DATASET_KEYS)
             raise ConfigError(f"dataset: unknown key '{key}' (allowed: {', '.join(DATASET_KEYS)})."
                               + (f" Did you mean '{hint}'?" if hint else ""))
-    if not isinstance(ds, dict):
-        raise ConfigError(f"dataset must be a path or a mapping such as {{path: data.jsonl, prompt_column: problem}}, "
-                          f"got {ds!r}.")
+    _check_dataset_keys(ds)
     rewards = spec_values.get("rewards", ["format", "accuracy"])
     if isinstance(rewards, str):
         rewards = [rewards]
@@ -157,11 +244,40 @@ def load_run_config(path: str | None, overrides: list[str] | None = None) -> tup
         values["reward_weights"] = list(rewards.values())
         rewards = list(rewards)
     if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards):
-        raise ConfigError(f"rewards must be a list of names (format, accuracy, module:function or a reward-model "
-                          f"folder), got {rewards!r}; weights go in reward_weights.")
+        raise ConfigError(f"rewards must be a list of names (format, accuracy, module:function, file.py:function or "
+                          f"a reward-model folder), got {rewards!r}; weights go in reward_weights.")
     _check_peft(spec_values.get("peft"))
-    spec = RunSpec(model=str(spec_values["model"]), dataset=ds, rewards=list(rewards), peft=spec_values.get("peft"))
+    spec = RunSpec(model=str(spec_values["model"]), dataset=ds, rewards=list(rewards), peft=spec_values.get("peft"),
+                   config_dir=os.path.dirname(os.path.abspath(path)) if path else None)
     return GRPOConfig(**values), spec
+
+
+def _check_dataset_keys(ds: dict) -> None:
+    chat = ds.get("chat", True)
+    if not isinstance(chat, bool):
+        raise ConfigError(f"dataset.chat must be true or false, got {chat!r}.")
+    if not chat and ds.get("system_prompt"):
+        raise ConfigError("dataset.system_prompt is set with dataset.chat: false, which hands the prompt column "
+                          "over unchanged, so the system prompt would be dropped. Fix: remove dataset.chat (prompts "
+                          "become chat messages, the system prompt first) or remove dataset.system_prompt.")
+    files = ds.get("data_files")
+    if files is None:
+        return
+
+    def is_names(x: Any) -> bool:
+        return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(f, str) for f in x))
+    if not (is_names(files) or (isinstance(files, dict) and files and all(is_names(v) for v in files.values()))):
+        raise ConfigError(f"dataset.data_files must be a file, a list of files or a mapping of split names to files "
+                          f"(e.g. {{train: train.jsonl, test: test.jsonl}}), got {files!r}.")
+    path = ds.get("path")
+    if isinstance(path, str) and os.path.isfile(path):
+        raise ConfigError(f"dataset.data_files is set but dataset.path {path!r} is a file. Fix: set dataset.path to "
+                          "the folder that holds the files, or to the builder (json, csv, parquet), and list the "
+                          "files in data_files; or drop data_files.")
+    saved = ("dataset_dict.json", "state.json")  # what save_to_disk writes
+    if isinstance(path, str) and any(os.path.isfile(os.path.join(path, f)) for f in saved):
+        raise ConfigError(f"dataset.data_files is set but dataset.path {path!r} is a dataset saved with save_to_disk, "
+                          "which is read whole. Fix: drop data_files and pick the part with dataset.split.")
 
 
 def _check_peft(peft: Any) -> None:
@@ -183,27 +299,122 @@ def _check_peft(peft: Any) -> None:
 
 def build_dataset(spec: RunSpec, split_key: str = "split"):
     """The dataset named by the spec, with the prompt column turned into chat messages when asked."""
-    from .data import DataError, load_dataset_spec
+    from .data import DataError, is_conversational, load_dataset_spec
 
     ds_spec = spec.dataset
     if "path" not in ds_spec:
         raise ConfigError("dataset.path is missing (a local jsonl/json/csv/parquet file or folder, or a hub id).")
     split = ds_spec.get(split_key) or ("test" if split_key == "eval_split" else "train")
-    ds = load_dataset_spec(ds_spec["path"], split, ds_spec.get("name"))
+    extra = {"data_files": ds_spec["data_files"]} if ds_spec.get("data_files") is not None else {}
+    ds = load_dataset_spec(ds_spec["path"], split, ds_spec.get("name"), **extra)
+    if len(ds) == 0:
+        raise DataError(f"dataset {ds_spec['path']!r}: the split {split!r} is empty (0 rows). Fix: set "
+                        f"dataset.{split_key} to a split or slice that has rows, e.g. 'train[:100]'.")
     column = ds_spec.get("prompt_column", "prompt")
     if column not in ds.column_names:
         raise DataError(f"dataset {ds_spec['path']!r} has no column {column!r} (columns: {ds.column_names}); "
                         "set dataset.prompt_column.")
     system = ds_spec.get("system_prompt")
-    if ds_spec.get("chat", True) and isinstance(ds[0][column], str):
+    chat = ds_spec.get("chat", True)
+    if chat and isinstance(ds[0][column], str):
         def to_messages(x):
             msgs = [{"role": "system", "content": system}] if system else []
             return {"prompt": msgs + [{"role": "user", "content": x[column]}]}
         drop = [c for c in ("prompt", "messages") if c in ds.column_names and c != column]
-        ds = ds.map(to_messages, remove_columns=drop)
-    elif column != "prompt":
+        return ds.map(to_messages, remove_columns=drop)
+    if chat and system and is_conversational(ds[0][column]):
+        ds = _add_system_prompt(ds, column, system)
+    if column != "prompt":
         ds = ds.rename_column(column, "prompt")
     return ds
+
+
+def _add_system_prompt(ds, column: str, system: str):
+    """dataset.system_prompt on prompts that are already conversations: put first where there is no system message
+    (a row's own system message is kept, as a chat template takes one)."""
+    has_own = sum(any(m.get("role") == "system" for m in msgs) for msgs in ds[column])
+    if has_own:
+        log.warning("dataset.system_prompt: %d of %d prompts already hold a system message and keep it; the others "
+                    "get dataset.system_prompt.", has_own, len(ds))
+
+    def prepend(x):
+        msgs = x[column]
+        if any(m.get("role") == "system" for m in msgs):
+            return {column: msgs}
+        # the other keys of the row's messages (tool_calls, ...) as None: one Arrow struct type for every message
+        return {column: [{**{k: None for k in msgs[0]}, "role": "system", "content": system}, *msgs]}
+    return ds.map(prepend)
+
+
+def _import_reward(spec: str, config_dir: str | None) -> Callable:
+    """`module:function` or `path/to/file.py:function`, found as `python script.py` users expect: in the current
+    folder, then in the config file's folder (a module name: after the installed packages)."""
+    target, _, attr = spec.rpartition(":")
+    folders = list(dict.fromkeys([os.getcwd()] + ([config_dir] if config_dir else [])))
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        candidates = [target] if os.path.isabs(target) else [os.path.join(d, target) for d in folders]
+        file = next((os.path.abspath(c) for c in candidates if os.path.isfile(c)), None)
+        if file is None:
+            raise ConfigError(f"rewards: {spec!r}: no file {target!r} (looked in {', '.join(folders)}). Fix: give the "
+                              "file's path, absolute or relative to the current folder or the config file's folder.")
+        where = file
+        module = _module_from_file(file, spec)
+    else:
+        for d in folders:
+            if d not in sys.path:
+                # last, unlike `python script.py`: a file in the data folder must not shadow an installed package
+                sys.path.append(d)
+        importlib.invalidate_caches()  # a module written since the last import from that folder is seen
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name and target.split(".")[0] != e.name.split(".")[0]:  # the module's own import failed
+                raise ConfigError(f"rewards: {spec!r}: importing {target} failed: {e}. Fix: install {e.name!r} "
+                                  "in this environment.") from e
+            raise ConfigError(f"rewards: {spec!r}: no module {target!r} in {', '.join(folders)} or on sys.path. Fix: "
+                              f"put the folder that holds {target.replace('.', '/')}.py on PYTHONPATH (PYTHONPATH=DIR "
+                              f"fastgrpo train ...), or give the file's path: path/to/{target.split('.')[-1]}.py:"
+                              f"{attr}.") from e
+        except Exception as e:
+            raise ConfigError(f"rewards: {spec!r}: importing {target} failed ({type(e).__name__}: {e}).") from e
+        where = getattr(module, "__file__", None) or target  # the file found, in case another of that name was meant
+    fn = getattr(module, attr, None)
+    if fn is None:
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        hint = closest_name(attr, names)
+        raise ConfigError(f"rewards: {spec!r}: {where} has no {attr!r}." + (f" Did you mean '{hint}'?" if hint else
+                          f" Its functions: {', '.join(names) or 'none'}."))
+    if not callable(fn):
+        raise ConfigError(f"rewards: {spec!r}: {attr} is a {type(fn).__name__}, not a function.")
+    return fn
+
+
+def _module_from_file(file: str, spec: str):
+    name = os.path.splitext(os.path.basename(file))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == file:
+        return loaded
+    mod_spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.append(folder)  # the file's own imports of its neighbours work, as under `python file.py`
+    try:
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        raise ConfigError(f"rewards: {spec!r}: running {file} failed ({type(e).__name__}: {e}).") from e
+    if name not in sys.modules:  # registered (pickling finds its functions) unless that would shadow a module
+        sys.modules[name] = module
+    return module
+
+
+def resolve_rewards(rewards: list, config_dir: str | None = None) -> list:
+    """The run config's rewards with `module:function` and `file.py:function` imported; built-in names and
+    reward-model folders are left to the trainer."""
+    from .rewards import BUILTINS
+
+    return [_import_reward(r, config_dir) if isinstance(r, str) and ":" in r and r not in BUILTINS
+            and not os.path.exists(r) else r for r in rewards]
 
 
 def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False):
@@ -214,9 +425,10 @@ def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False):
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **spec.peft)
+    rewards = resolve_rewards(spec.rewards, spec.config_dir)
     train = build_dataset(spec, "eval_split" if eval_split else "split")
     evald = build_dataset(spec, "eval_split") if spec.dataset.get("eval_split") and not eval_split else None
-    return GRPOTrainer(model=spec.model, reward_funcs=spec.rewards, args=config, train_dataset=train,
+    return GRPOTrainer(model=spec.model, reward_funcs=rewards, args=config, train_dataset=train,
                        eval_dataset=evald if evald is not None else (train if eval_split else None),
                        peft_config=peft_config)
 
