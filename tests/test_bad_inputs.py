@@ -477,3 +477,31 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path, tok, tiny):
                           train_dataset=DATA, processing_class=tok)
     with pytest.raises(ConfigError, match="output_dir=.*file/run' cannot be created"):
         trainer.train()
+
+
+@pytest.mark.parametrize("fn, words", [
+    (named(lambda completions, **kw: [1.0] * 3, "too_short_z"), "returned 3 values for 4 completions"),
+    (named(lambda completions, **kw: [1.0, float("nan"), None, 1.0], "nan_z"), "returned nan for sample 1"),
+    (named(lambda completions, **kw: [float("inf")] * 4, "inf_z"), "returned inf for sample 0"),
+    (named(lambda completions, **kw: None, "nothing_z"), "returned NoneType"),
+    (named(lambda completions, **kw: ["high"] * 4, "text_z"), "returned 'high' for sample 0"),
+])
+def test_unusable_reward_output_scored_zero_on_request(fn, words, caplog):
+    """reward_error='zero' covers an unusable result as it covers a raise: that function scores 0 for the whole
+    batch, the call is counted and warned of, and the other functions' scores stand."""
+    f = resolve_reward(fn)
+    with caplog.at_level("WARNING", logger="fastgrpo"):
+        out = score([resolve_reward(reward_len), f], _batch(), 4, on_error="zero")
+    assert out.failures == 1 and f.failures == 1
+    assert out.rewards[:, 1].tolist() == [0.0] * 4 and out.rewards[:, 0].tolist() == [7.0, 8.0, 9.0, 10.0]
+    assert f"reward function '{fn.__name__}' failed" in caplog.text and words in caplog.text
+    assert "scored 0 (reward_error='zero')" in caplog.text
+
+
+def test_unusable_reward_output_does_not_stop_a_zero_mode_run(tiny, tok, tmp_path):
+    trainer = GRPOTrainer(tiny, [reward_len, named(lambda completions, **kw: [1.0], "one_value_z")],
+                          args=GRPOConfig(output_dir=str(tmp_path), reward_error="zero", **SMALL), train_dataset=DATA,
+                          processing_class=tok)
+    assert trainer.train().global_step == 1
+    logged = [h for h in trainer.state.log_history if "rewards/failures" in h]
+    assert logged and logged[0]["rewards/failures"] == 1.0 and logged[0]["rewards/one_value_z/mean"] == 0.0

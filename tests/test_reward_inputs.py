@@ -12,7 +12,7 @@ import pytest
 from fastgrpo import GRPOConfig, GRPOTrainer
 from fastgrpo.config import ConfigError
 from fastgrpo.data import DataError, validate_dataset
-from fastgrpo.rewards import RewardError, check_signature, resolve_reward, score
+from fastgrpo.rewards import RewardError, check_columns, check_signature, resolve_reward, score
 from fastgrpo.testing import build_char_tokenizer, build_tiny_qwen2
 
 SMALL = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=1,
@@ -77,6 +77,43 @@ def test_signatures_checked_before_the_model_loads():
     check_signature(resolve_reward("accuracy"), ["solution"])
     with pytest.raises(RewardError, match="'accuracy_reward' needs an argument 'solution'"):
         check_signature(resolve_reward("accuracy"), ["answer"])
+
+
+def test_each_dataset_must_have_the_columns_its_rewards_need():
+    """Checked per dataset: an eval batch passes only the eval dataset's columns, so a column that only the train
+    dataset has (the union passes check_signature) would otherwise fail at the first evaluation."""
+    def needs_answer(completions, answer, **kwargs):
+        return [1.0] * len(completions)
+
+    def answer_optional(completions, answer=None, **kwargs):
+        return [1.0] * len(completions)
+
+    funcs = [resolve_reward(reward_len), resolve_reward(answer_optional), resolve_reward(needs_answer)]
+    train = validate_dataset([{**r, "answer": r["solution"]} for r in ROWS])
+    check_columns(funcs, train, "train_dataset")
+    check_columns(funcs, None, "eval_dataset")  # no eval dataset: nothing to check
+    with pytest.raises(RewardError, match=r"reward function 'needs_answer' needs the column 'answer', which "
+                                          r"eval_dataset does not have \(its columns: \['solution'\]\)\. Fix: add an? "
+                                          r"'answer' column to eval_dataset"):
+        check_columns(funcs, validate_dataset(ROWS, what="eval_dataset"), "eval_dataset")
+    some = [{**r, "answer": "1"} if i != 2 else dict(r) for i, r in enumerate(ROWS)]  # a list of dicts: row 2 lacks it
+    with pytest.raises(RewardError, match=r"eval_dataset row 2 has no 'answer' \(1 of 4 rows lack it\), which reward "
+                                          r"function 'needs_answer' needs"):
+        check_columns(funcs, validate_dataset(some, what="eval_dataset"), "eval_dataset")
+    with pytest.raises(RewardError, match=r"'accuracy_reward' needs the column 'solution', which train_dataset"):
+        check_columns([resolve_reward("accuracy")], validate_dataset([{"prompt": "1+1=", "answer": "2"}]))
+
+
+def test_a_column_missing_at_the_call_is_blamed_on_the_data_not_the_signature():
+    """evaluate(eval_dataset=...) scores a dataset given after construction: a reward's missing column then
+    surfaces at the call, and the message must say which column the batch lacks."""
+    def needs_answer(completions, answer, **kwargs):
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"'needs_answer' raised TypeError.*The batch has no 'answer': the dataset "
+                                          r"being scored has no such column") as e:
+        score([resolve_reward(needs_answer)], _batch(), 4)
+    assert "signature must take" not in str(e.value)
 
 
 def test_trainer_refuses_what_cannot_work(tok, tmp_path):
@@ -242,3 +279,14 @@ def test_vllm_generation_kwargs_are_left_out_by_the_transformers_fallback(tok):
         out = gen.generate([tok("1+1=", add_special_tokens=False)["input_ids"]], params)
     assert len(out.completion_ids) == 2
     assert GRPOConfig(output_dir="/tmp/x", use_vllm=True, generation_kwargs={"min_tokens": 2}).use_vllm
+
+
+def test_an_eval_dataset_without_a_column_a_reward_needs_fails_at_construction(tmp_path):
+    tok = build_char_tokenizer()
+    rows = [{"prompt": f"{i}+1=", "solution": str(i + 1)} for i in range(4)]
+    small = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=4, max_steps=1,
+                 disable_tqdm=True, save_strategy="no", report_to="none")
+    with pytest.raises(RewardError, match="'accuracy_reward' needs the column 'solution', which eval_dataset does not"):
+        GRPOTrainer(build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), "accuracy",
+                    args=GRPOConfig(output_dir=str(tmp_path), **small), train_dataset=rows,
+                    eval_dataset=[{"prompt": "1+1="}], processing_class=tok)

@@ -130,7 +130,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
 
     # --- rewards (fastgrpo additions) ---
     reward_timeout: float | None = _f(None, "Seconds a reward function may take per call before the run stops with its name.")
-    reward_error: str = _f("raise", "On a reward function exception: 'raise' stops with its name and sample; 'zero' scores it 0 and counts it.", REWARD_ERRORS)
+    reward_error: str = _f("raise", "When a reward function raises, times out or returns an unusable result (wrong length, NaN/inf, not numbers): 'raise' stops with its name and sample; 'zero' scores that function 0 for the whole batch, counts it (rewards/failures) and warns at the 1st, 10th, 100th... failure.", REWARD_ERRORS)
 
     # --- vLLM ---
     use_vllm: bool = _f(False, "Generate with vLLM; without vLLM or a GPU, warn once and use transformers.")

@@ -1,7 +1,8 @@
 """Prompts: validated, chat-templated and tokenized once, then served in deterministic rounds.
 
 - A prompt is either plain text or a conversation (a list of {"role", "content"} messages); conversations get
-  the tokenizer's chat template with the generation prompt, once, at start.
+  the tokenizer's chat template with the generation prompt, once, at start, whatever the last message's role, as
+  TRL 1.16's GRPOTrainer renders them (a final assistant or system message is closed, not continued; warned once).
 - Every other column (e.g. `solution`) travels with the prompt and reaches the reward functions as a keyword list.
 - Prompts longer than `max_prompt_length` tokens are cut from the left (the question's end and the generation
   prompt survive); one warning counts them.
@@ -11,7 +12,9 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from .rewards import PASSED
 log = logging.getLogger("fastgrpo")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+#: Final roles after which the generation prompt opens the reply the prompt asks for; after others it is warned of.
+GENERATION_ROLES = ("user", "tool")
 
 
 class DataError(ValueError):
@@ -54,6 +59,31 @@ def _check_messages(messages: list, row: int, what: str = "train_dataset") -> No
             raise DataError(f"{what} row {row}: message {j} ({m['role']}) content must be a string, got "
                             f"{type(m['content']).__name__} {m['content']!r:.80}. Fix: join text parts into one string "
                             "(multimodal content lists are not supported).")
+
+
+def render_conversation(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> str:
+    """The prompt text of a conversation as TRL 1.16's GRPOTrainer renders it: the chat template with the generation
+    prompt, whatever the last role. A final assistant message (a prefill such as '<think>') is therefore closed and a
+    second assistant turn opened; trl.data_utils would continue it instead, but scripts move here from GRPOTrainer,
+    and the same prompts must give the same training."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
+
+
+def _parse_serialized_messages(text: str) -> tuple[str, list] | None:
+    """('json' or 'python', the messages) when `text` is a whole list of chat messages written out as a string: JSON,
+    or Python's repr, which is what a CSV round trip (Dataset.to_csv, DataFrame.to_csv) leaves of a list column."""
+    s = text.strip()
+    if not (s.startswith("[") and s.endswith("]") and "role" in s):
+        return None
+    for kind, parse in (("json", json.loads), ("python", ast.literal_eval)):
+        try:
+            value = parse(s)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            return kind, value
+    return None
 
 
 def _split_of(splits: dict, split: str, where: str):
@@ -154,10 +184,16 @@ def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_
     for row in rows:
         for c in dropped:
             row.pop(c, None)
+    serialized: list[int] = []
+    not_user: list[int] = []
     for i, row in enumerate(rows):
         p = row.get(prompt_column)
+        if isinstance(p, str) and _parse_serialized_messages(p) is not None:
+            serialized.append(i)
         if is_conversational(p):
             _check_messages(p, i, what)
+            if p[-1]["role"] not in GENERATION_ROLES:
+                not_user.append(i)
         elif isinstance(p, list) and not p:
             raise DataError(f"{what} row {i}: the prompt is an empty list of messages. Fix: drop the row or add a "
                             "user message.")
@@ -167,7 +203,28 @@ def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_
         elif not p.strip():
             raise DataError(f"{what} row {i}: the prompt is empty. Fix: drop the row (dataset.filter(lambda x: "
                             f"x['{prompt_column}'].strip() != '')).")
+    if serialized:
+        _warn_serialized(rows, serialized, prompt_column, what)
+    if not_user:
+        first = rows[not_user[0]][prompt_column][-1]["role"]
+        log.warning("%s: %d of %d conversations end with a message that is not the user's (first: row %d, %r). As in "
+                    "TRL's GRPOTrainer, the chat template closes it and opens a new assistant turn: a final assistant "
+                    "message is not continued as a prefill. Fix, if a prefill was meant: give plain-text prompts "
+                    "rendered with tokenizer.apply_chat_template(messages, tokenize=False, "
+                    "continue_final_message=True).", what, len(not_user), len(rows), not_user[0], first)
     return rows
+
+
+def _warn_serialized(rows: list[dict], found: list[int], column: str, what: str) -> None:
+    """One warning per dataset, not a conversion: a string that happens to look like messages may be meant as text."""
+    first = rows[found[0]][column]
+    kind, _ = _parse_serialized_messages(first)
+    parse = "json.loads" if kind == "json" else "ast.literal_eval"
+    log.warning("%s column %r: %d of %d prompts (first: row %d, %.60r) are chat messages written as a %s string, as a "
+                "CSV round trip leaves a list column; they are used as plain text, without the chat template. "
+                "Fix: parse the column, e.g. dataset = dataset.map(lambda x: {%r: %s(x[%r])}) (import %s), or %s "
+                "it before building the dataset.", what, column, len(found), len(rows), found[0], first,
+                "JSON" if kind == "json" else "Python-repr", column, parse, column, parse.split(".")[0], parse)
 
 
 def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_column: str = "prompt",
@@ -185,8 +242,7 @@ def prepare_prompts(dataset, tokenizer, max_prompt_length: int | None, prompt_co
                     "tokenizer.chat_template, or give plain-text prompts."
                 )
             try:
-                text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
-                                                     **(chat_template_kwargs or {}))
+                text = render_conversation(tokenizer, p, chat_template_kwargs)
             except Exception as e:  # jinja's TemplateError (raise_exception in the template) and kin
                 raise DataError(f"{what} row {i}: the tokenizer's chat template rejected this conversation "
                                 f"({type(e).__name__}: {e}). Fix the row (e.g. a role the template does not "

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["format_reward", "accuracy_reward", "RewardFunction", "RewardError", "Scores", "score", "BUILTINS",
-           "resolve_reward", "check_signature"]
+           "resolve_reward", "check_signature", "check_columns"]
 
 log = logging.getLogger("fastgrpo")
 
@@ -206,6 +206,39 @@ def check_signature(func: RewardFunction, columns: list[str]) -> None:
             raise RewardError(f"reward function '{func.name}' needs an argument '{p.name}', which no call passes: "
                               f"dataset columns are {columns}. Fix: add a '{p.name}' column to the dataset, or give "
                               "the argument a default.")
+
+
+def _required_columns(func: RewardFunction) -> list[str]:
+    """The parameters without a default that only a dataset column can fill."""
+    try:
+        params = inspect.signature(func.fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is p.empty and p.name not in PASSED
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_columns(funcs: list[RewardFunction], rows: list[dict] | None, what: str = "train_dataset",
+                  prompt_column: str = "prompt") -> None:
+    """Fail at construction when `rows` (one dataset's, as data.validate_dataset returns them; None: no dataset)
+    lack a column that a reward function requires. Each dataset is checked on its own: a batch of eval prompts
+    passes only the eval dataset's columns, so a column that only train_dataset has would otherwise surface as a
+    TypeError at the first evaluation. The prompt column is not passed under its own name (it is `prompts`)."""
+    if not rows:
+        return
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != prompt_column]
+    for f in funcs:
+        for name in _required_columns(f):
+            lacking = [i for i, row in enumerate(rows) if name not in row or name == prompt_column]
+            if len(lacking) == len(rows):
+                raise RewardError(f"reward function '{f.name}' needs the column '{name}', which {what} does not have "
+                                  f"(its columns: {columns}). Fix: add a '{name}' column to {what}, or give the "
+                                  f"parameter '{name}' a default.")
+            if lacking:
+                raise RewardError(f"{what} row {lacking[0]} has no '{name}' ({len(lacking)} of {len(rows)} rows lack "
+                                  f"it), which reward function '{f.name}' needs. Fix: give every row of {what} a "
+                                  f"'{name}' (None where it does not apply, if '{f.name}' handles None), or drop "
+                                  "those rows.")
 
 
 def resolve_reward(spec: Any, device: str | torch.device = "cpu", tokenizer=None) -> RewardFunction:
@@ -387,8 +420,12 @@ def _on_zero(f: RewardFunction, error: BaseException) -> None:
                     "call(s) so far.", f.name, type(error).__name__, str(error)[:300], f.failures)
 
 
-def _hint(error: BaseException) -> str:
+def _hint(error: BaseException, func: RewardFunction, kwargs: dict) -> str:
     if isinstance(error, TypeError) and "argument" in str(error):
+        missing = [name for name in _required_columns(func) if name not in kwargs]
+        if missing:  # the data, not the signature: the dataset scored here (e.g. evaluate()'s) lacks the column
+            return (f" The batch has no '{missing[0]}': the dataset being scored has no such column (or the batch's "
+                    f"first row lacks it). Fix: add a '{missing[0]}' column to it, or give the parameter a default.")
         return (" Its signature must take the dataset's columns as keyword arguments: def f(prompts, completions, "
                 "**kwargs).")
     return ""
@@ -404,7 +441,11 @@ class Scores:
 def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | None = None,
           on_error: str = "raise") -> Scores:
     """Call every reward function on the batch described by `kwargs` (plus TRL's `log_metric(name, value)` and
-    `log_extra(column, values)`; fastgrpo keeps no completions table, so log_extra's columns are not kept)."""
+    `log_extra(column, values)`; fastgrpo keeps no completions table, so log_extra's columns are not kept).
+
+    on_error="zero" (reward_error): a call that raises, times out or returns an unusable result (not one finite
+    number or None per completion) scores 0 for every completion of the batch, is counted in `failures` and warned
+    of; "raise" stops with a RewardError naming the function (and the sample where it can)."""
     out = torch.full((n, len(funcs)), math.nan)
     failures = 0
     logged: dict[str, list[float]] = {}
@@ -425,20 +466,26 @@ def score(funcs: list[RewardFunction], kwargs: dict, n: int, timeout: float | No
             results[j] = e
     for j, f in enumerate(funcs):
         r = results[j]
-        if isinstance(r, Exception):  # timeouts included
-            if on_error == "zero":
-                out[:, j] = 0.0
-                failures += 1
-                _on_zero(f, r)
+        if not isinstance(r, Exception):
+            try:
+                out[:, j] = torch.tensor(_check_output(f.name, r, n))
                 continue
-            if isinstance(r, _TimedOut) or (f.is_async and timeout and isinstance(r, asyncio.TimeoutError)):
-                raise RewardError(f"reward function '{f.name}' took longer than reward_timeout={timeout}s on a batch "
-                                  f"of {n} completions. Make it faster, raise reward_timeout, or set "
-                                  "reward_error='zero' to score calls that time out 0.") from r
-            where = _describe_sample(kwargs, _locate_failure(f, kwargs, n, min(timeout or 10.0, 10.0)))
-            raise RewardError(f"reward function '{f.name}' raised {type(r).__name__}: {r}{where}.{_hint(r)} "
-                              "Fix the function, or set reward_error='zero' to score failures 0.") from r
-        out[:, j] = torch.tensor(_check_output(f.name, r, n))
+            except RewardError as e:
+                if on_error != "zero":
+                    raise
+                r = e  # an unusable result (wrong length, NaN, not numbers) fails the call as a raise would
+        if on_error == "zero":  # an exception, a timeout or an unusable result
+            out[:, j] = 0.0
+            failures += 1
+            _on_zero(f, r)
+            continue
+        if isinstance(r, _TimedOut) or (f.is_async and timeout and isinstance(r, asyncio.TimeoutError)):
+            raise RewardError(f"reward function '{f.name}' took longer than reward_timeout={timeout}s on a batch "
+                              f"of {n} completions. Make it faster, raise reward_timeout, or set "
+                              "reward_error='zero' to score calls that time out 0.") from r
+        where = _describe_sample(kwargs, _locate_failure(f, kwargs, n, min(timeout or 10.0, 10.0)))
+        raise RewardError(f"reward function '{f.name}' raised {type(r).__name__}: {r}{where}.{_hint(r, f, kwargs)} "
+                          "Fix the function, or set reward_error='zero' to score failures 0.") from r
     unscored = int(torch.isnan(out).all(dim=1).sum())
     if unscored:
         warnings.warn("every reward function returned None for some completions; they get reward NaN (left out of "

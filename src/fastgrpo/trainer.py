@@ -30,7 +30,7 @@ from .loss import LossParams
 from .metrics import MetricsSink
 from .modeling import base_model
 from .optim import make_optimizer, make_scheduler
-from .rewards import RewardError, check_signature, resolve_reward, score
+from .rewards import RewardError, check_columns, check_signature, resolve_reward, score
 from .rollout import SamplingParams, make_generator
 from .sharing import async_yield_mode
 from .script_api import ScriptAPI
@@ -138,6 +138,8 @@ class GRPOTrainer(ScriptAPI):
         columns = list(dict.fromkeys(k for row in train_rows + (eval_rows or []) for k in row))
         for f in self.reward_funcs:
             check_signature(f, [c for c in columns if c != "prompt"])
+        for rows, what in ((train_rows, "train_dataset"), (eval_rows, "eval_dataset")):
+            check_columns(self.reward_funcs, rows, what)  # each dataset's own: an eval batch has only its columns
         if eval_rows is None and args.eval_strategy not in ("no", None):
             raise ConfigError(f"eval_strategy={args.eval_strategy!r} needs an eval_dataset. Fix: pass "
                               "eval_dataset=... to GRPOTrainer, or set eval_strategy='no'.")
