@@ -174,3 +174,28 @@ def test_train_again_past_the_end_says_there_is_nothing_to_train(tmp_path):
     with pytest.warns(UserWarning, match="nothing to train: the run is at step 1.*raise max_steps"):
         assert trainer.train().global_step == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_rewards_of_one_name_get_a_metric_each_and_rows_may_differ_in_columns(tmp_path):
+    import json
+
+    tok = build_char_tokenizer()
+    seen = []
+
+    def hint_reward(completions, hint=None, **kw):
+        seen.extend(kw.get("extra") or [None] * len(completions))
+        return [float(h is not None) for h in hint]
+
+    rows = [{"prompt": f"Q{i}: 1+{i}=", **({"hint": "x"} if i else {}), **({"extra": i} if i == 3 else {})}
+            for i in range(4)]
+    trainer = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64),
+                          reward_funcs=[lambda completions, **kw: [1.0] * len(completions),
+                                        lambda completions, **kw: [0.0] * len(completions), hint_reward],
+                          args=_args(tmp_path, save_strategy="no", per_device_train_batch_size=8),
+                          train_dataset=rows, processing_class=tok)
+    assert [f.name for f in trainer.reward_funcs] == ["<lambda>", "<lambda>_2", "hint_reward"]
+    trainer.train()
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert (row["rewards/<lambda>/mean"], row["rewards/<lambda>_2/mean"]) == (1.0, 0.0)
+    assert row["rewards/hint_reward/mean"] == 0.75  # row 0 has no hint: None reaches the reward, whatever row is first
+    assert sorted(x for x in seen if x is not None) == [3, 3]

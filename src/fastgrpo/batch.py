@@ -54,7 +54,8 @@ def _decode_kwargs(prompts: list[Prompt], gen: Generation, tokenizer, G: int, tr
     texts = tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
     conversational = isinstance(expanded[0].prompt, list)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-    kwargs = {key: [p.columns.get(key) for p in expanded] for key in expanded[0].columns}
+    keys = dict.fromkeys(k for p in prompts for k in p.columns)  # rows of a list of dicts may differ: None fills in
+    kwargs = {key: [p.columns.get(key) for p in expanded] for key in keys}
     kwargs.update(prompts=[p.prompt for p in expanded], completions=completions,  # over any column of the name
                   completion_ids=gen.completion_ids, trainer_state=trainer_state)
     return kwargs, len(expanded)

@@ -120,6 +120,13 @@ class GRPOTrainer(ScriptAPI):
             raise ConfigError(f"reward_processing_classes has {len(procs)} entries for {len(funcs)} reward functions. "
                               "Fix: one per reward function (None for plain functions), in the same order.")
         self.reward_funcs = [resolve_reward(f, self.device, tokenizer=p) for f, p in zip(funcs, procs)]
+        names: set[str] = set()
+        for f in self.reward_funcs:  # two lambdas, or one function twice: one metric each, not one for both
+            base, k = f.name, 1
+            while f.name in names:
+                k += 1
+                f.name = f"{base}_{k}"
+            names.add(f.name)
         if not isinstance(optimizers, (list, tuple)) or len(optimizers) != 2:
             raise ConfigError(f"optimizers must be a pair (optimizer, lr_scheduler), either None; got {optimizers!r:.80}.")
         opt, sched = optimizers
