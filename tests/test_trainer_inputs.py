@@ -199,3 +199,34 @@ def test_rewards_of_one_name_get_a_metric_each_and_rows_may_differ_in_columns(tm
     assert (row["rewards/<lambda>/mean"], row["rewards/<lambda>_2/mean"]) == (1.0, 0.0)
     assert row["rewards/hint_reward/mean"] == 0.75  # row 0 has no hint: None reaches the reward, whatever row is first
     assert sorted(x for x in seen if x is not None) == [3, 3]
+
+
+def test_save_model_into_a_folder_of_the_other_kind_leaves_one_model(tmp_path):
+    from peft import LoraConfig
+
+    tok = build_char_tokenizer()
+    folder = str(tmp_path / "saved")
+    lora = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_funcs=reward_len,
+                       args=_args(tmp_path), train_dataset=DATA, processing_class=tok,
+                       peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora.save_model(folder)
+    assert os.path.isfile(os.path.join(folder, "adapter_config.json"))
+    full = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_funcs=reward_len,
+                       args=_args(tmp_path), train_dataset=DATA, processing_class=tok)
+    full.save_model(folder)
+    names = os.listdir(folder)
+    assert "model.safetensors" in names and not [n for n in names if n.startswith("adapter_")], names
+    lora.save_model(folder)
+    names = os.listdir(folder)
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names, names
+
+
+def test_push_to_hub_saves_the_model_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the upload fails, the model must be on disk
+    tok = build_char_tokenizer()
+    trainer = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_funcs=reward_len,
+                          args=_args(tmp_path, hub_model_id="me/run"), train_dataset=DATA, processing_class=tok)
+    trainer.train()
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+    assert trainer.push_to_hub() is None and "saved locally" in trainer.push_error
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")

@@ -307,8 +307,7 @@ class GRPOTrainer(ScriptAPI):
         final = {k: round(v, 6) for k, v in out.items()}
         self.state.log_history.append({**final, "step": self.state.global_step, "epoch": self.state.epoch})
         if args.push_to_hub:
-            self.save_model(args.output_dir)
-            self.push_to_hub()
+            self.push_to_hub()  # saves the model first
         return TrainOutput(global_step=self.state.global_step, **final)
 
     @torch.no_grad()
@@ -333,7 +332,11 @@ class GRPOTrainer(ScriptAPI):
             tmp = out.rstrip("/") + ".tmp-save"
             _make_dir(out, f"save_model: {out!r}")
             ckpt.save_model_files(self.model, self.processing_class, tmp, state)
-            for name in os.listdir(tmp):
+            new = set(os.listdir(tmp))
+            for name in os.listdir(out):  # an earlier save's weights of the other kind (adapter vs full) would load
+                if name not in new and _is_model_file(name):  # together with these as one wrong model
+                    os.remove(os.path.join(out, name))
+            for name in new:
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
             os.rmdir(tmp)
         # every rank returns once the files exist (the other ranks skip the write)
@@ -341,7 +344,9 @@ class GRPOTrainer(ScriptAPI):
         return out
 
     def push_to_hub(self, commit_message: str = "End of training", **kwargs) -> str | None:
-        """Upload output_dir; a failure is reported plainly and never raised: the model stays saved locally."""
+        """Save the model to output_dir (as TRL's does), then upload the folder; a failed upload is reported plainly
+        and never raised: the model stays saved locally. Call it on every rank, as save_model."""
+        self.save_model(self.args.output_dir)
         if not self.dist.is_main:
             return None
         repo = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
@@ -554,6 +559,12 @@ def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: Samp
     out["eval_completions/mean_length"] = sum(lengths) / max(len(lengths), 1)
     out["eval_num_prompts"] = len(prompts)
     return out
+
+
+def _is_model_file(name: str) -> bool:
+    """A file of a saved model's weights or adapter, as save_pretrained names them."""
+    return (name.startswith(("adapter_model.", "model.safetensors", "pytorch_model")) or name == "adapter_config.json"
+            or (name.startswith("model-") and name.endswith(".safetensors")))
 
 
 def _unknown_arguments(method: str, unknown: dict, known: list[str]) -> None:
