@@ -230,3 +230,20 @@ def test_push_to_hub_saves_the_model_first(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
     assert trainer.push_to_hub() is None and "saved locally" in trainer.push_error
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_log_completions_writes_the_rounds_completions(tmp_path):
+    import json
+
+    tok = build_char_tokenizer()
+    trainer = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_funcs=reward_len,
+                          args=_args(tmp_path, log_completions=True, logging_steps=2, max_steps=3),
+                          train_dataset=DATA, processing_class=tok)
+    trainer.train()
+    rows = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 3]  # rounds starting at steps 0 and 2 (logging_steps=2)
+    assert len(rows) == 2 * 4  # 4 completions per round (per_device_train_batch_size)
+    for r in rows:
+        assert r["prompt"] in [d["prompt"] for d in DATA]
+        assert r["rewards"] == {"reward_len": float(len(r["completion"]))} and r["reward"] == r["rewards"]["reward_len"]
+        assert isinstance(r["advantage"], float)

@@ -166,7 +166,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
     report_to: str | list[str] = _f("none", "'trackio', 'none' or a list; metrics.jsonl is always written.")
     project: str = _f("fastgrpo", "trackio project name.")
     trackio_space_id: str | None = _f(None, "Hugging Face Space for a trackio dashboard; without network, logging stays local.")
-    log_completions: bool = _f(False, "Write a sample of prompts, completions and rewards to output_dir/completions.jsonl.")
+    log_completions: bool = _f(False, "Write each logged round's prompts, completions, rewards and advantages (rank 0's) to output_dir/completions.jsonl, one JSON line per completion; a round is logged when it starts at a multiple of logging_steps.")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
 
     # --- checkpoints and hub ---

@@ -116,6 +116,8 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     with timer("reward_time"):
         r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist,
                             run.state, timer)
+    if cfg.log_completions and run.state.global_step % max(1, int(cfg.logging_steps)) == 0:
+        run.sink.write_completions(run.state.global_step + 1, _completion_rows(run, r))
     all_idx = list(range(len(r)))
     lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths
     passes = _plan_passes(run, all_idx, lengths)
@@ -127,6 +129,17 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
             with ctx:
                 r.ref_logprobs = B.precompute_logprobs(target, r, passes, cfg, run.pad_id, run.device, run.autocast)
     return r
+
+
+def _completion_rows(run: Run, r: B.Rollout) -> list[dict]:
+    """This rank's completions of the round as log_completions writes them (rank 0's: a sample under torchrun)."""
+    G = run.config.num_generations
+    texts = run.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+    names = [f.name for f in run.reward_funcs]
+    return [{"prompt": r.prompts[i // G].prompt, "completion": text, "truncated": bool(r.truncated[i]),
+             "rewards": {n: v if math.isfinite(v) else None for n, v in zip(names, r.rewards_per_func[i].tolist())},
+             "reward": r.rewards[i].item(),
+             "advantage": r.advantages[i].item()} for i, text in enumerate(texts)]
 
 
 def _plan_passes(run: Run, order: list[int], lengths: list[int]) -> list[list[int]]:

@@ -30,7 +30,8 @@ class MetricsSink:
         if not is_main:
             return
         os.makedirs(output_dir, exist_ok=True)
-        _truncate_after(self.path, start_step)
+        for path in (self.path, os.path.join(output_dir, "completions.jsonl")):  # log_completions' file likewise
+            _truncate_after(path, start_step)
         if "trackio" in reporters:
             self.trackio = _start_trackio(project, run_name or os.path.basename(os.path.abspath(output_dir)),
                                           space_id, config, resume=start_step > 0)
@@ -58,6 +59,15 @@ class MetricsSink:
                 self.trackio = None
         if self.bar is not None:
             self.bar.set_postfix({short: f"{metrics[k]:.3g}" for k, short in BAR_KEYS if k in metrics}, refresh=False)
+
+    def write_completions(self, step: int, rows: list[dict]) -> None:
+        """log_completions: one JSON line per completion (prompt, completion, rewards, advantage) to
+        output_dir/completions.jsonl, appended like metrics.jsonl."""
+        if not self.is_main or not rows:
+            return
+        path = os.path.join(os.path.dirname(self.path), "completions.jsonl")
+        with open(path, "a") as f:
+            f.writelines(json.dumps({"step": step, **_clean(r)}, default=str) + "\n" for r in rows)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
