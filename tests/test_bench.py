@@ -13,9 +13,15 @@ from fastgrpo import bench, bench_report, bench_server
 
 
 def _args(*argv: str):
-    args = bench.build_parser().parse_args(list(argv))
-    args.extra = json.loads(args.extra)
-    return args
+    return bench.build_parser().parse_args(list(argv))
+
+
+def _inputs(tmp_path) -> list[str]:
+    """--model and --data that pass check_inputs (a folder with a config.json, one NuminaMath-schema row)."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "1+1?", "solution": "2", "messages": []}) + "\n")
+    return ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl")]
 
 
 def test_parse_grid_default_and_order():
@@ -44,7 +50,7 @@ def test_parse_grid_async_vllm_alone_and_errors():
     turns = bench.parse_grid(_args("--only", "vllm-alone,fastgrpo-async,vllm-alone,fastgrpo-async,vllm-alone",
                                    "--num-generations", "8", "--max-completion-length", "512"))
     assert [c["framework"] for c in turns] == ["vllm", "fastgrpo", "vllm", "fastgrpo", "vllm"]
-    for bad in (["--only", "trl-async"], ["--only", "fastgrpo"], ["--frameworks", "verl"], ["--modes", "sync"], ["--num-generations", "3"], ["--steps", "0"],
+    for bad in (["--only", "trl-async"], ["--only", "fastgrpo"], ["--frameworks", "verl"], ["--modes", "sync"], ["--num-generations", "3"],
                 ["--per-device-batch", "6"], ["--only", "fastgrpo-async,fastgrpo-asyn"], ["--only", ","]):
         with pytest.raises(ValueError):
             bench.parse_grid(_args(*bad))
@@ -134,9 +140,8 @@ def test_a_command_pools_its_own_two_runs_of_vllm_alone_only(tmp_path, monkeypat
                 "completions_per_step": 128, "cell_wall_s": 1.0, **bench.step_stats(next(walls), [65536.0] * 4, 128)}
 
     monkeypatch.setattr(bench, "run_cell", cell)
-    common = ["--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--num-generations", "8",
-              "--max-completion-length", "512", "--out", str(tmp_path / "out")]
-    bench.main(["--only", "vllm-alone,fastgrpo-async,vllm-alone", *common])
+    common = [*_inputs(tmp_path), "--num-generations", "8", "--max-completion-length", "512", "--out", str(tmp_path / "out")]
+    assert bench.main(["--only", "vllm-alone,fastgrpo-async,vllm-alone", *common]) == 0
     rows = {r["key"]: r for r in bench_report._load([tmp_path / "out" / "results.jsonl"])}
     assert rows["vllm-alone-G8-L512"]["s_per_step"] == pytest.approx(2.15)
     assert [r["s_per_step"] for r in rows["vllm-alone-G8-L512"]["runs"]] == [1.9, 2.6]
@@ -272,3 +277,104 @@ def test_fields_a_framework_lacks_are_named_in_its_row():
     lines = [ln for ln in bench_report.summarize(rows).splitlines() if ln.startswith("| ")]
     assert "not in trl's config, so not applied: async_yield" in next(ln for ln in lines if ln.startswith("| trl"))
     assert "not applied" not in next(ln for ln in lines if ln.startswith("| fastgrpo"))
+
+
+def test_report_of_a_missing_or_empty_file_writes_nothing(tmp_path, capsys):
+    """`--report b2/result.jsonl --out b2` (a typo) used to exit 0 and overwrite b2's results with an empty table."""
+    b2 = tmp_path / "b2"
+    bench_report.write_outputs(b2, SYNTHETIC)
+    before = {f.name: f.read_bytes() for f in b2.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--report", str(b2 / "result.jsonl"), "--out", str(b2)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--report: no such file {b2 / 'result.jsonl'}" in err
+    assert f"did you mean {b2 / 'results.jsonl'}" in err and "nothing written" in err
+    assert {f.name: f.read_bytes() for f in b2.iterdir()} == before
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for bad, msg in (([str(tmp_path / "empty.jsonl")], "--report: no result in"),
+                     ([str(b2 / "results.jsonl"), str(tmp_path / "nope.jsonl")], "no such file"),  # one of two
+                     ([str(b2 / "table.md")], "line 1 is not a fastgrpo bench result")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--report", *bad, "--out", str(tmp_path / "new")])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
+
+
+def _refuse_to_build(*a, **k):
+    raise AssertionError("built inputs or started a cell before checking the flags")
+
+
+def test_bad_flags_are_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """Each bad flag: a one-line argparse error naming it, exit 2, no model built and no cell started (they used to
+    build a 1 GB model and/or start every cell, fail them all, and exit 0; some were tracebacks)."""
+    monkeypatch.setattr(bench, "ensure_inputs", _refuse_to_build)
+    monkeypatch.setattr(bench, "run_cell", _refuse_to_build)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "nocfg").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"text": "no problem field"}\n')
+    cases = [(["--model", "/nonexistent/model"], "--model /nonexistent/model: no such folder"),
+             (["--model", "nobody-xyz/not-cached-model"], "--model nobody-xyz/not-cached-model: no such folder"),
+             (["--model", str(tmp_path / "nocfg")], "no config.json in that folder"),
+             (["--data", "/nonexistent.jsonl"], "--data /nonexistent.jsonl: no such file"),
+             (["--data", str(tmp_path / "bad.jsonl")], "fields problem and messages"),
+             (["--max-completion-length", "0"], "argument --max-completion-length: 0 is out of range"),
+             (["--max-completion-length", "-5"], "argument --max-completion-length: -5 is out of range"),
+             (["--frameworks", "trl", "--modes", "async"], "--frameworks trl --modes async select no cell"),
+             (["--per-device-batch", "0"], "argument --per-device-batch: 0 is out of range"),
+             (["--num-generations", "x"], "argument --num-generations: invalid value 'x'"),
+             (["--num-generations", "1"], "argument --num-generations: 1 is out of range"),
+             (["--extra", "{bad"], "argument --extra: '{bad' is not a JSON object"),
+             (["--extra", "[1]"], "argument --extra: '[1]' is not a JSON object"),
+             (["--steps", "0"], "argument --steps"), (["--completions-per-step", "-1"], "argument --completions-per-step"),
+             (["--gpu-memory-utilization", "0"], "argument --gpu-memory-utilization"),
+             (["--budget", "0"], "argument --budget"), (["--timeout-per-cell", "abc"], "argument --timeout-per-cell")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*argv, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("fastgrpo bench: error: ") and msg in err[-1], (argv, err)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a Hub name the cells may download: not refused
+    bench.check_inputs(_args("--model", "nobody-xyz/not-cached-model"))
+
+
+def test_failed_cells_keep_the_table_and_fail_the_command(tmp_path, monkeypatch, capsys):
+    """A failed cell: the table still holds every cell, the exit status is 1 and the last line names the failed
+    cell; a cell stopped at its time limit that kept steps is partial, not failed."""
+    def cell(spec, timeout):  # main()'s bookkeeping is what is tested
+        key = bench.cell_key(spec)
+        row = {**{k: spec[k] for k in bench.CELL_KEYS}, "key": key, "error": None, "completions_per_step": 4,
+               "cell_wall_s": 1.0, "log": f"{spec['out_dir']}/log.txt"}
+        if spec["framework"] == "trl":
+            return {**row, "error": "worker exited with code 1: ImportError: no trl"}
+        if spec["mode"] == "colocate":
+            return {**row, "error": "timeout after 60 s (after 2 of 3 steps)", "timed_out": True,
+                    **bench.step_stats([3.0, 2.0], [8.0, 8.0], 4)}
+        return {**row, **bench.step_stats([3.0, 2.0, 2.0], [8.0] * 3, 4)}
+
+    monkeypatch.setattr(bench, "run_cell", cell)
+    out = tmp_path / "out"
+    rc = bench.main([*_inputs(tmp_path), "--num-generations", "2", "--max-completion-length", "8", "--steps", "3",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("[bench] 2 of 4 cell runs failed: trl-colocate-G2-L8 (worker exited with code 1")
+    assert "trl-novllm-G2-L8 (" in last and "fastgrpo-" not in last
+    table = (out / "table.md").read_text()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4 and table.count("FAILED: worker exited") == 2
+    assert "partial: timeout after 60 s" in table and table in captured.out
+
+
+def test_vllm_rows_generated_by_transformers_say_so():
+    """vLLM absent: fastgrpo generates with transformers, and a row labelled colocate must not pass for vLLM."""
+    rows = [_r("fastgrpo", "colocate", 9.0, config={"generator": "HFGenerator"}),
+            _r("fastgrpo", "async", 2.2, config={"generator": "VLLMColocateGenerator"}),
+            _r("fastgrpo", "novllm", 9.5, config={"generator": "HFGenerator"}),
+            _r("fastgrpo", "server", 3.0, config={"generator": "HFGenerator"}, device="cpu")]
+    lines = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in bench_report.summarize(rows).splitlines()
+             if ln.startswith("| fastgrpo")}
+    assert "generated by transformers: vLLM unavailable, so this is not a colocate measurement" \
+        in lines[("fastgrpo", "colocate")]
+    assert "generated by transformers: vLLM unavailable (no CUDA GPU)" in lines[("fastgrpo", "server")]
+    assert "generated by" not in lines[("fastgrpo", "async")] + lines[("fastgrpo", "novllm")]

@@ -4,7 +4,8 @@ Each cell (framework x mode x num_generations G x max_completion_length L) runs 
 (`python -m fastgrpo.bench --worker SPEC_JSON`, which prints one `BENCH_RESULT {json}` line), so GPU memory and
 vLLM state never leak between cells. A failed or timed-out cell records its error and the steps it finished; the
 grid goes on. After each cell, --out gets results.jsonl (merged per cell with what it held, so several commands
-fill one table), table.md and chart.png.
+fill one table), table.md and chart.png. The command exits 1, naming them, when cells failed (timed-out cells that
+kept steps are partial, not failed); flags and --model/--data are checked before anything is built.
 
 The run is the recipe's, identical for both frameworks: random-weight Qwen2-0.5B shape + Qwen2 tokenizer (or
 --model); NuminaMath-TIR-like prompts with the recipe's system prompt; LoRA r=8 alpha=32 dropout 0.1 on q_proj,
@@ -61,8 +62,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .bench_report import _f, _load, write_outputs
-from .bench_server import free_port, kill_server
+from .bench_report import _f, _load, pooled, report, step_stats, write_outputs
+from .bench_server import free_port, gpu_used_mib, kill_server, sample_peak
 
 RESULT_MARK = "BENCH_RESULT "
 FRAMEWORKS, MODES = ("fastgrpo", "trl"), ("colocate", "async", "novllm", "server", "server-async")
@@ -79,7 +80,36 @@ SYSTEM_PROMPT = (  # verbatim from examples/recipe.py
 
 # ------------------------------------------------------------------------------------------------- the grid
 def _csv(text, cast=str) -> list:
+    if isinstance(text, list):  # already parsed by its flag's type (_arg)
+        return [cast(x) for x in text]
     return [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+
+
+def _arg(cast=int, low=1, high=None, many=False):
+    """argparse type (argparse names the flag in its error): a `cast` >= low (> 0 where low is 0), <= high;
+    many: a comma list of them."""
+    kind = ("a comma list of integers" if many else "an integer") if cast is int else "a number"
+    want = f"give {kind} {'> 0' if low == 0 else f'>= {low}'}" + ("" if high is None else f" and <= {high}")
+
+    def parse(text: str):
+        try:
+            xs = [cast(x) for x in text.split(",")] if many else [cast(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {want}") from None
+        if any(x < low or x == 0 == low or (high is not None and x > high) for x in xs):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {want}")
+        return xs if many else xs[0]
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    """argparse type of --extra."""
+    value = text
+    with contextlib.suppress(json.JSONDecodeError):
+        value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one, e.g. --extra '{{\"seed\": 1}}'")
+    return value
 
 
 def cell_key(c: dict) -> str:
@@ -144,20 +174,26 @@ def parse_grid(args) -> list[dict]:
         if not got or set(got) - set(allowed):
             raise ValueError(f"{name} {','.join(got)!r}: choose from {', '.join(allowed)}")
     cps, pdb = args.completions_per_step, args.per_device_batch
-    extra = args.extra if isinstance(args.extra, dict) else json.loads(args.extra or "{}")
-    if args.steps < 1 or cps % pdb:
-        raise ValueError(f"need --steps >= 1 and --completions-per-step ({cps}) a multiple of --per-device-batch ({pdb})")
+    extra = args.extra if isinstance(args.extra, dict) else _json_object(args.extra or "{}")
+    if args.steps < 1 or cps < 1 or pdb < 1 or cps % pdb:
+        raise ValueError(f"need --steps >= 1 ({args.steps}) and --completions-per-step ({cps}) a multiple of "
+                         f"--per-device-batch ({pdb}), both >= 1")
+    if min(lengths := _csv(args.max_completion_length, int), default=0) < 1:
+        raise ValueError(f"--max-completion-length {args.max_completion_length}: give integers >= 1, e.g. 256,512")
     cells = []
     for g in _csv(args.num_generations, int):
         if g < 2 or cps % g:
-            raise ValueError(f"num_generations {g}: must be >= 2 and divide --completions-per-step {cps}")
-        for length in _csv(args.max_completion_length, int):
+            raise ValueError(f"--num-generations {g}: must be >= 2 and divide --completions-per-step {cps}")
+        for length in lengths:
             base = dict(G=g, L=length, steps=args.steps, completions_per_step=cps, per_device_batch=pdb,
                         gpu_memory_utilization=args.gpu_memory_utilization, extra=extra,
                         variant=None, variant_fields=None)
             cells += [dict(base, framework=f, mode=m) for f in frameworks for m in modes if (f, m) != ("trl", "async")]
             if args.vllm_alone:
                 cells.append(dict(base, framework="vllm", mode="alone"))
+    if not cells:  # e.g. --frameworks trl --modes async
+        raise ValueError(f"--frameworks {args.frameworks} --modes {args.modes} select no cell (TRL has no async "
+                         "mode): add fastgrpo to --frameworks, another mode to --modes, or --vllm-alone")
     return cells
 
 
@@ -179,42 +215,6 @@ def recipe_config(spec: dict, framework: str, cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the worker
-def pooled(first: dict, second: dict) -> dict:
-    """Runs of one cell in one command (vLLM alone before, between and after the cells it is the reference of):
-    the last record, with s/step and throughput over every run's timed steps and each run's own median in `runs`.
-    `first` may itself be pooled (a third run and on), `second` is one run."""
-    runs = [r for rec in (first, second) for r in (rec.get("runs") or [rec]) if r.get("s_per_step")]
-    if len(runs) < 2:  # a failed run adds nothing
-        return runs[0] if runs else second
-    timed = [w for r in runs for w in _timed(r["step_walls"])]
-    total = sum(timed)
-    tokens = sum(r["gen_tok_per_s"] * sum(_timed(r["step_walls"])) for r in runs) \
-        if all(r.get("gen_tok_per_s") is not None for r in runs) else None
-    med = statistics.median(timed)
-    out = {**second, "s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
-           "steps_timed": len(timed), "completions_per_s": second["completions_per_step"] * len(timed) / total,
-           "runs": [{k: r.get(k) for k in ("s_per_step", "step_walls", "gen_tok_per_s")} for r in runs]}
-    if tokens is not None:
-        out["gen_tok_per_s"] = tokens / total
-    return out
-
-
-def _timed(values: list) -> list:
-    """The timed steps' entries: steps 2..N (step 1 holds warm-up), or the only step if just one ran."""
-    return values[1:] if len(values) > 1 else values
-
-
-def step_stats(walls: list[float], tokens: list[float], completions_per_step: int) -> dict:
-    """Statistics over steps 2..N (the only step if just one ran) from per-step wall times and generated tokens."""
-    if not walls:
-        return {}
-    timed, toks = _timed(walls), _timed(tokens)
-    med, total = statistics.median(timed), sum(timed)
-    return {"s_per_step": med, "mean_s_per_step": statistics.fmean(timed), "it_per_s": 1.0 / med,
-            "gen_tok_per_s": sum(toks) / total, "completions_per_s": completions_per_step * len(timed) / total,
-            "steps_timed": len(timed), "step_walls": [round(w, 4) for w in walls]}
-
-
 class StepClock:
     """Wall time between step ends (+ per-step extras), mirrored to progress.jsonl so a killed cell keeps its steps."""
 
@@ -397,25 +397,6 @@ def worker(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the parent
-def gpu_used_mib(gpus: str | None = None) -> float | None:
-    """Memory used on the GPUs `gpus` ("0,1"; default: all) according to nvidia-smi (MiB); None without one."""
-    try:
-        p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                            *([f"--id={gpus}"] if gpus else [])],
-                           capture_output=True, text=True, timeout=10)
-        return sum(float(x) for x in p.stdout.split()) if p.returncode == 0 and p.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
-def _sample_peak(stop: threading.Event, peak: list, gpus: str | None) -> None:
-    while not stop.wait(0.25):
-        used = gpu_used_mib(gpus)
-        if used is None:
-            return
-        peak[0] = max(peak[0] or 0.0, used)
-
-
 def run_cell(spec: dict, timeout: float) -> dict:
     """One cell in a fresh `python -m fastgrpo.bench --worker` process; GPU memory is sampled from out here."""
     os.makedirs(spec["out_dir"], exist_ok=True)
@@ -432,7 +413,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0")
     base, peak, stop, error = gpu_used_mib(gpus), [None], threading.Event(), None
-    sampler = threading.Thread(target=_sample_peak, args=(stop, peak, gpus), daemon=True)
+    sampler = threading.Thread(target=sample_peak, args=(stop, peak, gpus), daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -470,10 +451,39 @@ def run_cell(spec: dict, timeout: float) -> dict:
         result["error"] += f" (after {len(result['step_walls'])} of {spec['steps']} steps)"
     elif error:  # cut before its first step: start-up (vLLM's first start compiles for about a minute) ate it
         result["error"] += " before its first step; give the cell more --budget"
-    result.update(gpu_peak_used_gib=None if peak[0] is None or base is None else (peak[0] - base) / 1024,
+    result.update(timed_out=error is not None,  # stopped at its time limit: with steps, a partial, not a failure
+                  gpu_peak_used_gib=None if peak[0] is None or base is None else (peak[0] - base) / 1024,
                   gpu_baseline_gib=None if base is None else base / 1024, cell_wall_s=time.perf_counter() - t0,
                   log=str(log_path))
     return result
+
+
+def check_inputs(args) -> None:
+    """--model and --data, checked before anything is built or any cell starts (ValueError naming the flag)."""
+    if args.data:
+        lines = Path(args.data).read_text(errors="replace").splitlines() if Path(args.data).is_file() else None
+        first = next((ln for ln in lines or [] if ln.strip()), "")
+        with contextlib.suppress(json.JSONDecodeError):
+            first = json.loads(first)
+        if not isinstance(first, dict) or {"problem", "messages"} - set(first):
+            raise ValueError(f"--data {args.data}: " + ("no such file" if lines is None else "its first line is not a "
+                             "JSON object with the fields problem and messages") + "; give a NuminaMath-TIR-schema "
+                             "JSONL, or leave --data out for 512 generated rows")
+    model = args.model and Path(args.model).expanduser()
+    if model and model.is_dir() and not (model / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: no config.json in that folder; give a folder written by "
+                         "save_pretrained, or leave --model out for a random-weight Qwen2-0.5B")
+    if model and not model.is_dir():  # a Hub name in the local cache (the cells run offline unless told otherwise)
+        from huggingface_hub import try_to_load_from_cache
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "1").upper() in ("1", "ON", "YES", "TRUE")  # run_cell's default
+        try:
+            cached = isinstance(try_to_load_from_cache(args.model, "config.json"), str)
+        except ValueError:  # not a Hub name either (HFValidationError), e.g. /nonexistent/model
+            cached, offline = False, True
+        if offline and not cached:
+            raise ValueError(f"--model {args.model}: no such folder; give a model folder, leave --model out for a "
+                             "random-weight Qwen2-0.5B, or (a Hub model not in the local cache) set HF_HUB_OFFLINE=0")
 
 
 def ensure_inputs(args) -> tuple[str, str]:
@@ -505,21 +515,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frameworks", default="fastgrpo,trl")
     a("--modes", default="colocate,novllm", help="colocate, novllm, async (fastgrpo only), server, server-async "
       "(2+ GPUs; TRL's server-async is AsyncGRPOTrainer)")
-    a("--num-generations", default="4,8,16")
-    a("--max-completion-length", default="256,512,1024")
-    a("--steps", type=int, default=12, help="optimizer steps per cell; the first is left out of the median")
-    a("--completions-per-step", type=int, default=128, help="per_device_batch x gradient_accumulation_steps")
-    a("--per-device-batch", type=int, default=8)
-    a("--gpu-memory-utilization", type=float, default=0.3, help="colocate modes: the fraction vLLM may take")
+    a("--num-generations", type=_arg(low=2, many=True), default="4,8,16")
+    a("--max-completion-length", type=_arg(many=True), default="256,512,1024")
+    a("--steps", type=_arg(), default=12, help="optimizer steps per cell; the first is left out of the median")
+    a("--completions-per-step", type=_arg(), default=128, help="per_device_batch x gradient_accumulation_steps")
+    a("--per-device-batch", type=_arg(), default=8)
+    a("--gpu-memory-utilization", type=_arg(float, 0, 1), default=0.3, help="colocate modes: the fraction vLLM may take")
     a("--server-gpus", default="1", help="server modes: CUDA_VISIBLE_DEVICES of the vLLM server")
     a("--trainer-gpus", default="0", help="server modes: CUDA_VISIBLE_DEVICES of the trainer")
-    a("--server-gpu-memory-utilization", type=float, default=0.9, help="server modes (TRL's vllm-serve default)")
+    a("--server-gpu-memory-utilization", type=_arg(float, 0, 1), default=0.9, help="server modes (TRL's vllm-serve default)")
     a("--vllm-alone", action="store_true", help="also time vllm.LLM alone generating one step's tokens")
     a("--only", help="comma list of framework-mode cells to run, in this order (e.g. trl-colocate,fastgrpo-async,"
       "vllm-alone); overrides --frameworks/--modes/--vllm-alone")
-    a("--timeout-per-cell", type=float, default=1800.0, help="seconds; the cell is killed and recorded as failed")
-    a("--budget", type=float, help="seconds for this whole command; a cell gets at most what is left")
-    a("--extra", default="{}", help="JSON object merged into every cell's config (fields a framework lacks are dropped)")
+    a("--timeout-per-cell", type=_arg(float, 0), default=1800.0, help="seconds; the cell is stopped and keeps the "
+      "steps it finished (partial; none: failed)")
+    a("--budget", type=_arg(float, 0), help="seconds for this whole command; a cell gets at most what is left")
+    a("--extra", type=_json_object, default="{}", help="JSON object merged into every cell's config (fields a "
+      "framework lacks are dropped)")
     a("--variant", action="append", metavar="NAME=JSON", help="config fields for cells named CELL@NAME in --only, "
       "on top of --extra, each a row of its own (repeatable): compare settings in one command, e.g. --only "
       "fastgrpo-async,fastgrpo-async@y --variant 'y={\"async_yield\": \"layer\"}'")
@@ -538,37 +550,46 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)  # skip interpreter teardown: vLLM / process-group shutdown can hang after the result is out
     out = Path(args.out)
     if args.report:
-        write_outputs(out, _load(args.report))
-        print((out / "table.md").read_text())
-        return 0
+        try:
+            return report(args.report, out)
+        except ValueError as e:
+            parser.error(str(e))
     try:
-        args.extra = json.loads(args.extra)
-        if not isinstance(args.extra, dict):
-            raise ValueError("--extra must be a JSON object")
         cells = parse_grid(args)
+        check_inputs(args)
     except ValueError as e:
         parser.error(str(e))
+    try:  # what --out holds, merged with this command's cells
+        results = {r["key"]: r for r in _load([out / "results.jsonl"])}
+    except ValueError as e:
+        parser.error(f"--out {out}: {e}; give another --out, or move that file away")
     t_start = time.perf_counter()
     model, data = ensure_inputs(args)
-    results = {r["key"]: r for r in _load([out / "results.jsonl"])}
     ran: set[str] = set()  # cells run by this command: a second run of one is pooled with the first
+    failed: list[str] = []  # runs of this command that failed (a timed-out cell that kept steps is partial, not failed)
     for n, cell in enumerate(cells, 1):
         key, left = cell_key(cell), None if args.budget is None else args.budget - (time.perf_counter() - t_start)
         if left is not None and left < 30:
             results.setdefault(key, {**{k: cell.get(k) for k in CELL_KEYS}, "key": key, "error": "not run: --budget used up"})
+            failed.append(f"{key} (not run: --budget used up)")
             continue
         print(f"[bench] {n}/{len(cells)} {key} ...", flush=True)
         spec = dict(cell, model=model, data=data, out_dir=str((out / "cells" / key).resolve()),
                     server_gpus=args.server_gpus, trainer_gpus=args.trainer_gpus,
                     server_gpu_memory_utilization=args.server_gpu_memory_utilization)
         r = run_cell(spec, args.timeout_per_cell if left is None else min(args.timeout_per_cell, left))
+        if r.get("error") and not (r.get("timed_out") and r.get("s_per_step")):
+            failed.append(f"{key} ({r['error'][:120]}; log: {r.get('log', 'none')})")
         r = results[key] = pooled(results[key], r) if key in ran else r
         ran.add(key)
         print(f"[bench] {key}: {_f(r.get('s_per_step'))} s/step ({r['cell_wall_s']:.0f} s)"
               + (f" ERROR {r['error']}" if r.get("error") else ""), flush=True)
         write_outputs(out, list(results.values()))
     write_outputs(out, list(results.values()))
-    print((out / "table.md").read_text())
+    print((out / "table.md").read_text(), flush=True)
+    if failed:  # the table keeps what ran; the exit status says not all of it did
+        print(f"[bench] {len(failed)} of {len(cells)} cell runs failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

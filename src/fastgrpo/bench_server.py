@@ -131,6 +131,26 @@ def kill_server(out_dir: str) -> None:
         path.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------- GPU memory of a cell, sampled by the bench parent
+def gpu_used_mib(gpus: str | None = None) -> float | None:
+    """Memory used on the GPUs `gpus` ("0,1"; default: all) according to nvidia-smi (MiB); None without one."""
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                            *([f"--id={gpus}"] if gpus else [])],
+                           capture_output=True, text=True, timeout=10)
+        return sum(float(x) for x in p.stdout.split()) if p.returncode == 0 and p.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def sample_peak(stop: threading.Event, peak: list, gpus: str | None) -> None:
+    while not stop.wait(0.25):
+        used = gpu_used_mib(gpus)
+        if used is None:
+            return
+        peak[0] = max(peak[0] or 0.0, used)
+
+
 # ---------------------------------------------------------------------------- TRL's AsyncGRPOTrainer
 ASYNC_LOGGERS = ("trl.experimental.async_grpo", __name__)
 LOG_FORMAT = "%(asctime)s %(processName)s %(name)s %(levelname)s: %(message)s"
