@@ -140,3 +140,76 @@ def test_empty_split_is_named(tmp_path, capsys):
     assert cli.main(["train", str(config), "--dataset.split", "train[:0]"]) == 2
     err = capsys.readouterr().err
     assert "the split 'train[:0]' is empty" in err and "dataset.split" in err
+
+
+def _adapter_checkpoint(model_dir, path, recorded_base):
+    """A LoRA checkpoint (random, non-zero B) of the model in `model_dir`, whose adapter_config.json records
+    `recorded_base` as its base (a folder since moved, say); returns the in-memory PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recorded_base}))
+    return peft_model.eval()
+
+
+def test_eval_applies_a_lora_checkpoint_to_the_configs_model(tmp_path, capsys, numina_folder):
+    import shutil
+
+    import torch
+
+    from fastgrpo.testing import save_tiny_model
+
+    model, data = numina_folder(4, 3)
+    ckpt = tmp_path / "checkpoint-2"
+    trained = _adapter_checkpoint(model, ckpt, str(tmp_path / "moved-away"))   # the recorded base is gone
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": model, "dataset": {"path": str(data), "prompt_column": "problem"}, "rewards": ["format"],
+        "output_dir": str(tmp_path / "out"), "max_completion_length": 4, "report_to": "none", "disable_tqdm": True}))
+    assert cli.main(["eval", str(ckpt), "--config", str(config), "--split", "test"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(text[text.index("{"):])["eval_num_prompts"] == 3
+    args, spec = cli.load_run_config(str(config))
+    loaded, tokenizer = cli.load_adapter_checkpoint(str(ckpt), args, spec.model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(ids).logits, trained(ids).logits, atol=1e-6)
+        with loaded.disable_adapter():   # the adapter changes the outputs: the comparison above means something
+            assert not torch.allclose(loaded(ids).logits, trained(ids).logits, atol=1e-3)
+    assert tokenizer is not None and tokenizer.pad_token == "<|endoftext|>"
+
+    other = save_tiny_model(str(tmp_path / "one-layer"), num_layers=1)   # not the adapter's base
+    assert cli.main(["eval", str(ckpt), "--config", str(config), "--model", other]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]   # after the base model's loading bar
+    assert last.startswith("fastgrpo eval: error: checkpoint") and "have no place in the config's model" in last
+    assert "moved-away" in last and "Traceback" not in err
+
+    broken = tmp_path / "checkpoint-broken"
+    shutil.copytree(ckpt, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])   # an interrupted copy
+    assert cli.main(["eval", str(broken), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastgrpo eval: error: checkpoint {str(broken)!r}: its LoRA adapter")
+    assert "cannot be read (SafetensorError" in err and "Fix:" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_names_fastgrpo_and_its_libraries(capsys):
+    from importlib.metadata import version
+
+    import fastgrpo
+
+    for flag in ("--version", "-V", "version"):
+        assert cli.main([flag]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"fastgrpo {fastgrpo.__version__}"
+        for name in ("torch", "transformers", "peft"):
+            assert f"{name} {version(name)}" in lines
+        assert any(x.startswith("vllm ") for x in lines) and any(x.startswith("trl ") for x in lines)

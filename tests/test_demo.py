@@ -75,3 +75,15 @@ def test_quick_demo_reward_rises(tmp_path):
     assert (tmp_path / "rewards.png").stat().st_size > 10_000
     assert (tmp_path / "checkpoint-final" / "config.json").is_file()
     assert set(summary["before"]) == {"accuracy", "format_rate", "mean_length"}
+
+
+def test_output_dir_that_is_a_file_is_refused_before_the_run(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, what in ((afile, "is a file"), (afile / "sub", f"is under {afile}, which is a file")):
+        with pytest.raises(SystemExit) as e:
+            demo.parse_args(["--output-dir", str(path), "--quick"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fastgrpo demo: error: --output-dir {str(path)!r}: {what}") and "Fix:" in err
+    assert demo.parse_args(["--output-dir", str(tmp_path / "new" / "sub"), "--quick"]).output_dir.endswith("sub")

@@ -417,7 +417,9 @@ def resolve_rewards(rewards: list, config_dir: str | None = None) -> list:
             and not os.path.exists(r) else r for r in rewards]
 
 
-def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False):
+def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False,
+                  load_model: Callable[[], tuple[Any, Any]] | None = None):
+    """`load_model`: (model, tokenizer or None) in place of spec.model; called after the rewards and datasets load."""
     from .trainer import GRPOTrainer
 
     peft_config = None
@@ -428,9 +430,57 @@ def build_trainer(config: GRPOConfig, spec: RunSpec, eval_split: bool = False):
     rewards = resolve_rewards(spec.rewards, spec.config_dir)
     train = build_dataset(spec, "eval_split" if eval_split else "split")
     evald = build_dataset(spec, "eval_split") if spec.dataset.get("eval_split") and not eval_split else None
-    return GRPOTrainer(model=spec.model, reward_funcs=rewards, args=config, train_dataset=train,
+    model, tokenizer = load_model() if load_model is not None else (spec.model, None)
+    return GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=train,
                        eval_dataset=evald if evald is not None else (train if eval_split else None),
-                       peft_config=peft_config)
+                       peft_config=peft_config, processing_class=tokenizer)
+
+
+def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str):
+    """(PeftModel, tokenizer or None): the config's model `base_model`, loaded as training loads it, with the LoRA
+    adapter of `checkpoint` applied, and the checkpoint's tokenizer if it saved one. The base that
+    adapter_config.json records is not used: it may have moved, or be a hub id while the config names a folder."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from .trainer import _TOKENIZER_FILES, _check_model_path, _load_model, _load_tokenizer
+
+    def error(what: str, e: Exception | None, fix: str) -> ConfigError:
+        cause = f" ({type(e).__name__}: {' '.join(str(e).split())[:300]})" if e is not None else ""
+        return ConfigError(f"checkpoint {checkpoint!r}: {what}{cause}. Fix: {fix}.")
+    damaged = "its files are damaged or incomplete (an interrupted copy?): copy it again, or evaluate another one"
+    weights, saved = os.path.join(checkpoint, "adapter_model.safetensors"), set()
+    try:
+        with open(os.path.join(checkpoint, "adapter_config.json")) as f:
+            recorded = json.load(f).get("base_model_name_or_path")
+        if os.path.isfile(weights) or not os.path.isfile(os.path.join(checkpoint, "adapter_model.bin")):
+            with safe_open(weights, framework="pt") as f:
+                saved = set(f.keys())   # read now, before the base model loads
+    except Exception as e:  # noqa: BLE001 - OSError, JSONDecodeError, SafetensorError
+        raise error("its LoRA adapter (adapter_config.json, adapter_model.safetensors) cannot be read", e,
+                    damaged) from None
+    trained_on = f" (its adapter_config.json records {recorded!r})" if recorded and recorded != base_model else ""
+    set_model = f"set model: in the config (or --model) to the base model the adapter was trained from{trained_on}"
+    bf16 = config.bf16 if config.bf16 is not None else (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        _check_model_path(base_model)
+        base = _load_model(base_model, config, bf16)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {checkpoint!r} is a LoRA adapter, applied to the config's model (model: in "
+                          f"the config, or --model), which failed{trained_on}: {e}") from None
+    try:
+        model = PeftModel.from_pretrained(base, checkpoint)
+    except Exception as e:  # noqa: BLE001 - peft, safetensors, torch: a damaged file or another base model
+        mismatch = any(m in str(e) for m in ("size mismatch", "not found in the base model", "Target module"))
+        raise error(f"applying its LoRA adapter to the config's model {base_model!r} failed", e,
+                    set_model if mismatch else f"{damaged}; or {set_model}") from None
+    unplaced = sorted(saved - set(get_peft_model_state_dict(model)))
+    if unplaced:  # peft drops, silently, adapter weights of layers that the model lacks
+        raise error(f"{len(unplaced)} of {len(saved)} weights of its LoRA adapter have no place in the config's model "
+                    f"{base_model!r} (e.g. {unplaced[0]}): it is not the adapter's base model", None, set_model)
+    saved_tokenizer = any(os.path.isfile(os.path.join(checkpoint, f)) for f in _TOKENIZER_FILES)
+    return model, _load_tokenizer(checkpoint) if saved_tokenizer else None  # else the trainer loads the base's
 
 
 def _fields_help() -> str:
@@ -485,28 +535,39 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--split", default=None, help="dataset split to evaluate (default: the config's eval_split or 'test')")
     args, rest = p.parse_known_args(argv)
     config, spec = _set_up(lambda: load_run_config(args.config, rest))
-    import os
-
-    if os.path.isfile(os.path.join(args.model, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        spec.model = AutoPeftModelForCausalLM.from_pretrained(args.model)  # type: ignore[assignment]
-        spec.peft = None
-    else:
-        spec.model = args.model
+    spec.peft = None  # evaluate the model as given: no fresh adapters
+    adapter, base = os.path.isfile(os.path.join(args.model, "adapter_config.json")), spec.model
+    spec.model = base if adapter else args.model  # an adapter goes on the config's model (not the one it records)
+    load = (lambda: load_adapter_checkpoint(args.model, config, base)) if adapter else None
     if args.split:
         spec.dataset["eval_split"] = args.split
-    trainer = _set_up(lambda: build_trainer(config, spec, eval_split=True))
+    trainer = _set_up(lambda: build_trainer(config, spec, eval_split=True, load_model=load))
     metrics = trainer.evaluate()
     print(json.dumps(metrics, indent=1))
     return 0
 
 
+def versions() -> str:
+    """`fastgrpo --version`: fastgrpo's version and its libraries', one a line (from the installed packages' metadata:
+    nothing is imported, so a broken vLLM install still prints)."""
+    from importlib.metadata import distributions
+
+    from . import __version__
+
+    found = {(d.metadata["Name"] or "").lower(): d.version for d in distributions()}
+    names = ("torch", "transformers", "peft", "vllm", "trl")
+    return "\n".join([f"fastgrpo {__version__}", f"python {sys.version.split()[0]}",
+                      *(f"{n} {found.get(n, 'not installed')}" for n in names)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": cmd_train, "eval": cmd_eval}
+    if argv and argv[0] in ("--version", "-V", "version"):
+        print(versions())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastgrpo {train,eval,demo,bench,vllm-serve} ...\n\n"
+        print("usage: fastgrpo {train,eval,demo,bench,vllm-serve} ...   (fastgrpo --version: the versions)\n\n"
               "  train CONFIG.yaml [--field value ...]   GRPO training (examples/recipe.yaml)\n"
               "  eval MODEL --config CONFIG.yaml         reward means on a test split\n"
               "  demo                                    a CPU run that visibly learns (a few minutes)\n"
@@ -517,15 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd in commands:
             return commands[cmd](rest)
-        if cmd == "demo":
-            from .demo import main as demo_main
-            return demo_main(rest) or 0
-        if cmd == "bench":
-            from .bench import main as bench_main
-            return bench_main(rest) or 0
-        if cmd == "vllm-serve":
-            from .serve import main as serve_main
-            return serve_main(rest) or 0
+        modules = {"demo": "demo", "bench": "bench", "vllm-serve": "serve"}  # imported when asked for
+        if cmd in modules:
+            return importlib.import_module(f".{modules[cmd]}", __package__).main(rest) or 0
     except (ConfigError, ValueError, RuntimeError) as e:
         from .loop import TrainingStopped
 

@@ -393,9 +393,27 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    problem = _output_dir_problem(args.output_dir)
+    if problem:  # now, not after minutes of warm-up
+        p.error(f"--output-dir {args.output_dir!r}: {problem}")
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return args
+
+
+def _output_dir_problem(path: str) -> str | None:
+    """Why the outputs cannot be written under `path` (a file there or above it, a folder not writable), or None."""
+    if not path:
+        return "is empty. Fix: name a folder, e.g. --output-dir demo-output"
+    here = os.path.abspath(path)
+    while not os.path.exists(here):  # the nearest part of the path that exists: the folder is created under it
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        where = "is a file" if here == os.path.abspath(path) else f"is under {here}, which is a file"
+        return f"{where}, not a folder. Fix: pass a folder's path (new or existing), e.g. --output-dir demo-output"
+    if not os.access(here, os.W_OK | os.X_OK):
+        return f"{here} is not writable. Fix: pass a folder you can write to, e.g. --output-dir /tmp/demo-output"
+    return None
 
 
 def main(argv=None) -> int:
