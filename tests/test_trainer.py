@@ -565,7 +565,7 @@ def test_dispatch_hooks_are_removed_also_under_a_peft_wrapper():
     from peft import LoraConfig, get_peft_model
 
     from fastgrpo.testing import build_char_tokenizer, build_tiny_qwen2
-    from fastgrpo.trainer import _gather_dispatched
+    from fastgrpo.loading import gather_dispatched as _gather_dispatched
 
     model = build_tiny_qwen2(build_char_tokenizer())
     for module in (model, *model.model.layers):  # dispatch_model hooks the top-level model too

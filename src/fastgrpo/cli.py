@@ -444,7 +444,7 @@ def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
 
-    from .trainer import _TOKENIZER_FILES, _check_model_path, _load_model, _load_tokenizer
+    from .loading import TOKENIZER_FILES, check_model_path, load_model, load_tokenizer
 
     def error(what: str, e: Exception | None, fix: str) -> ConfigError:
         cause = f" ({type(e).__name__}: {' '.join(str(e).split())[:300]})" if e is not None else ""
@@ -464,8 +464,8 @@ def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str
     set_model = f"set model: in the config (or --model) to the base model the adapter was trained from{trained_on}"
     bf16 = config.bf16 if config.bf16 is not None else (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     try:
-        _check_model_path(base_model)
-        base = _load_model(base_model, config, bf16)
+        check_model_path(base_model)
+        base = load_model(base_model, config, bf16)
     except ConfigError as e:
         raise ConfigError(f"checkpoint {checkpoint!r} is a LoRA adapter, applied to the config's model (model: in "
                           f"the config, or --model), which failed{trained_on}: {e}") from None
@@ -479,8 +479,8 @@ def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str
     if unplaced:  # peft drops, silently, adapter weights of layers that the model lacks
         raise error(f"{len(unplaced)} of {len(saved)} weights of its LoRA adapter have no place in the config's model "
                     f"{base_model!r} (e.g. {unplaced[0]}): it is not the adapter's base model", None, set_model)
-    saved_tokenizer = any(os.path.isfile(os.path.join(checkpoint, f)) for f in _TOKENIZER_FILES)
-    return model, _load_tokenizer(checkpoint) if saved_tokenizer else None  # else the trainer loads the base's
+    saved_tokenizer = any(os.path.isfile(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES)
+    return model, load_tokenizer(checkpoint) if saved_tokenizer else None  # else the trainer loads the base's
 
 
 def _fields_help() -> str:

@@ -1,7 +1,7 @@
 """GRPOTrainer: TRL's public surface over fastgrpo's own loop (`loop.train_loop`).
 
 Construction validates everything that can be checked before a model is loaded (config, reward functions,
-dataset columns and prompts), then loads the tokenizer and the model, wraps it with LoRA when given a
+dataset columns and prompts), then loads the tokenizer and the model (`loading`), wraps it with LoRA when given a
 peft_config, and picks a generation backend. `train()` builds the optimizer, scheduler and metrics sink, resumes
 from a checkpoint when asked, and hands a `Run` to the loop.
 """
@@ -25,10 +25,11 @@ from . import kernels
 from .config import LIGER_LOSSES, ConfigError, GRPOConfig
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
+from .loading import (check_model_path, check_policy, check_vocabulary, eos_ids, gather_dispatched, is_model_file,
+                      load_model, load_tokenizer)
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
 from .metrics import MetricsSink
-from .modeling import base_model
 from .optim import make_optimizer, make_scheduler
 from .rewards import RewardError, check_columns, check_signature, resolve_reward, score
 from .rollout import SamplingParams, make_generator
@@ -152,10 +153,10 @@ class GRPOTrainer(ScriptAPI):
                               "eval_dataset=... to GRPOTrainer, or set eval_strategy='no'.")
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
-        _check_model_path(model)
+        check_model_path(model)
 
         self.model_path = model if isinstance(model, str) else None
-        self.processing_class = processing_class or _load_tokenizer(model)
+        self.processing_class = processing_class or load_tokenizer(model)
         tok = self.processing_class
         if not callable(getattr(tok, "batch_decode", None)):
             raise ConfigError(f"processing_class must be a tokenizer (e.g. AutoTokenizer.from_pretrained(path)), got "
@@ -171,8 +172,8 @@ class GRPOTrainer(ScriptAPI):
         self.eval_prompts = (prepare_prompts(eval_rows, tok, args.max_prompt_length, what="eval_dataset",
                                              chat_template_kwargs=args.chat_template_kwargs)
                              if eval_rows is not None else None)
-        self.model = _load_model(model, args, self.bf16)
-        _check_policy(self.model)
+        self.model = load_model(model, args, self.bf16)
+        check_policy(self.model)
         if peft_config is not None:
             from peft import PeftConfig, get_peft_model
 
@@ -188,7 +189,7 @@ class GRPOTrainer(ScriptAPI):
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
-        _gather_dispatched(self.model, self.device)
+        gather_dispatched(self.model, self.device)
         self.is_peft = hasattr(self.model, "peft_config")
         self.fsdp = use_fsdp(args.fsdp_mode, self.dist.world_size, self.is_peft)
         if not self.fsdp:
@@ -206,8 +207,8 @@ class GRPOTrainer(ScriptAPI):
             for m in (self.model, self.ref_model):
                 if m is not None:
                     shard_model(m, self.device, self.dist.world_size, self.bf16)
-        self.eos_ids = _eos_ids(tok, self.model)
-        _check_vocabulary(self.model, tok, [*self.train_prompts, *(self.eval_prompts or [])], self.eos_ids)
+        self.eos_ids = eos_ids(tok, self.model)
+        check_vocabulary(self.model, tok, [*self.train_prompts, *(self.eval_prompts or [])], self.eos_ids)
         self.state = ckpt.TrainerState(model_signature=ckpt.model_signature(self.model))
         self._generator = None
         self._last_saved: int | None = None  # the step of the latest checkpoint this trainer wrote
@@ -334,7 +335,7 @@ class GRPOTrainer(ScriptAPI):
             ckpt.save_model_files(self.model, self.processing_class, tmp, state)
             new = set(os.listdir(tmp))
             for name in os.listdir(out):  # an earlier save's weights of the other kind (adapter vs full) would load
-                if name not in new and _is_model_file(name):  # together with these as one wrong model
+                if name not in new and is_model_file(name):  # together with these as one wrong model
                     os.remove(os.path.join(out, name))
             for name in new:
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -561,131 +562,9 @@ def evaluate_prompts(generator, prompts, tokenizer, reward_funcs, sampling: Samp
     return out
 
 
-def _is_model_file(name: str) -> bool:
-    """A file of a saved model's weights or adapter, as save_pretrained names them."""
-    return (name.startswith(("adapter_model.", "model.safetensors", "pytorch_model")) or name == "adapter_config.json"
-            or (name.startswith("model-") and name.endswith(".safetensors")))
-
-
 def _unknown_arguments(method: str, unknown: dict, known: list[str]) -> None:
     from .config import closest_name
 
     hints = [f"'{k}' (did you mean '{h}'?)" if (h := closest_name(k, known)) else f"'{k}'" for k in sorted(unknown)]
     raise TypeError(f"GRPOTrainer.{method}() got unexpected keyword arguments {', '.join(hints)}; it takes "
                     f"{', '.join(known)}.")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
-
-
-def _load_tokenizer(model: Any):
-    from transformers import AutoTokenizer
-
-    path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not path:
-        raise ConfigError("cannot tell which tokenizer to use: pass processing_class=tokenizer.")
-    if os.path.isfile(os.path.join(path, "config.json")) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-        # AutoTokenizer would build an empty tokenizer from config.json alone, and every prompt would fail later
-        raise ConfigError(f"model folder {path!r} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}). Fix: "
-                          "pass processing_class=AutoTokenizer.from_pretrained(<the tokenizer's folder or hub id>), "
-                          "or save it next to the model with tokenizer.save_pretrained(folder).")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"could not load a tokenizer for {path!r} ({type(e).__name__}: {str(e)[:200]}). If it is a "
-                          "hub id, check the name and the network; else pass a local folder or processing_class.") from e
-
-
-def _check_model_path(model: Any) -> None:
-    """A local path that does not exist, or a folder that holds no model, fails here, before any loading. Names
-    with at most one '/' that are not on disk are taken for hub ids."""
-    if not isinstance(model, str):
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-            raise ConfigError(f"model must be a hub id, a model folder or a loaded transformers model, got "
-                              f"{type(model).__name__} {model!r:.60}.")
-        return
-    if not model.strip():
-        raise ConfigError("model is an empty string: pass a hub id or a model folder.")
-    if os.path.isdir(model):
-        if not any(os.path.isfile(os.path.join(model, f)) for f in ("config.json", "adapter_config.json")):
-            raise ConfigError(f"model folder {model!r} holds no config.json: it is not a saved model. Fix: pass the "
-                              "folder that save_pretrained wrote (config.json + *.safetensors), or a hub id.")
-    elif os.path.exists(model):
-        raise ConfigError(f"model {model!r} is a file; pass the folder that holds it (config.json + weights).")
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ConfigError(f"model path {model!r} does not exist. Fix: check the path (relative paths start from "
-                          f"{os.getcwd()}), or pass a hub id such as 'Qwen/Qwen2-0.5B-Instruct'.")
-
-
-def _check_policy(model) -> None:
-    """A model without a language-model head, or one still on the meta device, would fail at the first generation."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is None or not hasattr(inner, "generate"):
-        raise ConfigError(f"the model ({type(inner).__name__}) has no language-model head to generate with. Fix: load "
-                          "it with AutoModelForCausalLM (e.g. Qwen2ForCausalLM, not Qwen2Model or a "
-                          "*ForSequenceClassification), or pass its folder or hub id.")
-    if any(p.is_meta for p in model.parameters()):
-        raise ConfigError("the model's weights are on the meta device (built without weights, e.g. under "
-                          "init_empty_weights or device_map='meta'). Fix: load the weights (from_pretrained) first.")
-
-
-def _load_model(model: Any, args: GRPOConfig, bf16: bool):
-    if not isinstance(model, str):
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"model must be a model id, a folder, a PreTrainedModel or a PeftModel; got {type(model).__name__}.")
-        return model
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(args.model_init_kwargs or {})
-    kwargs.setdefault("dtype", torch.bfloat16 if bf16 else torch.float32)
-    kwargs.pop("device_map", None)
-    try:
-        return AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        extra = f", and model_init_kwargs={args.model_init_kwargs}" if args.model_init_kwargs else ""
-        raise ConfigError(f"could not load model {model!r} ({type(e).__name__}: {str(e)[:200]}). Check the path or hub "
-                          f"id{extra}; without network, pass a local folder.") from e
-
-
-def _gather_dispatched(model, device) -> None:
-    """A model loaded with device_map="auto" may be split over several GPUs (and, under torchrun, every rank splits
-    it over all of them). Each rank trains a whole copy on its own device, so the dispatch hooks are removed."""
-    # vars(), not hasattr(): a PeftModel forwards attribute reads to the model it wraps, so hasattr() sees the inner
-    # model's hook on the wrapper too, and removing it there fails (seen under torchrun, 2 ranks on H200s)
-    hooked = [m for m in model.modules() if "_hf_hook" in vars(m)]
-    if not hooked:
-        return
-    from accelerate.hooks import remove_hook_from_module
-
-    base = base_model(model)
-    devices = sorted({str(d) for d in (getattr(base, "hf_device_map", None) or {}).values()})
-    for m in hooked:
-        remove_hook_from_module(m)
-    if len(devices) > 1:
-        warnings.warn(f"the model was dispatched over {devices} (device_map); fastgrpo trains a whole copy on {device} "
-                      "per process, so it was gathered there. Load it with device_map=None to skip the detour.")
-
-
-def _check_vocabulary(model, tokenizer, prompts, eos_ids: list[int]) -> None:
-    """Token ids beyond the embedding's rows (tokens added to the tokenizer, the model not resized) fail deep in
-    the first forward pass, on a GPU as a device-side assert; here they fail before any step, with the fix."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(emb, "num_embeddings", None)
-    if rows is None:
-        return
-    top = max((max(p.ids) for p in prompts if len(p.ids)), default=-1)
-    top = max([top, tokenizer.pad_token_id or 0, *eos_ids])
-    if top >= rows:
-        raise ConfigError(f"the tokenizer gives token id {top}, but the model's embedding has {rows} rows "
-                          f"(len(tokenizer) = {len(tokenizer)}): tokens were added to the tokenizer without resizing "
-                          "the model. Fix: model.resize_token_embeddings(len(tokenizer)) before passing the model, "
-                          "or the tokenizer that belongs to it.")
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_cfg = getattr(getattr(model, "get_base_model", lambda: model)(), "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
