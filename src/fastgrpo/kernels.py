@@ -23,7 +23,8 @@ import warnings
 
 import torch
 
-from .config import LIGER_LAYER_KERNELS, LIGER_LOSSES, ConfigError
+from .config import ConfigError
+from .config_mappings import LIGER_LAYER_KERNELS, LIGER_LOSSES
 from .modeling import base_model as _base
 
 

@@ -22,7 +22,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import kernels
-from .config import LIGER_LOSSES, ConfigError, GRPOConfig
+from .config import ConfigError, GRPOConfig
+from .config_mappings import LIGER_LOSSES
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loading import (check_model_path, check_policy, check_vocabulary, eos_ids, gather_dispatched, is_model_file,

@@ -31,7 +31,7 @@ import warnings
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..config import generate_arguments
+from ..config_mappings import generate_arguments
 from ..kernels import eager_layers
 from ..logprobs import causal_lm_parts, logit_transform
 from .base import Generation, Generator, SamplingParams
