@@ -464,8 +464,13 @@ def test_checkpoint_of_another_lora_config(tmp_path):
 
     base = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     run(tmp_path / "a", LoraConfig(**base))
-    for change, words in (({"lora_alpha": 64}, "lora: checkpoint .*'lora_alpha': 8.*this run .*'lora_alpha': 64"),
-                          ({"r": 8}, "lora: .*'r': 4.*'r': 8"), ({"target_modules": ["q_proj"]}, "lora: .*'q_proj'\\]")):
+    for change, words in (({"lora_alpha": 64}, "lora.lora_alpha: checkpoint 8, this run 64"),
+                          ({"r": 8}, "lora.r: checkpoint 4, this run 8"),
+                          ({"target_modules": ["q_proj"]}, "lora.target_modules: .*this run \\['q_proj'\\]"),
+                          ({"use_rslora": True}, "lora.use_rslora: checkpoint False, this run True"),
+                          ({"use_dora": True}, "lora.use_dora: checkpoint False, this run True"),
+                          ({"bias": "all"}, "lora.bias: checkpoint none, this run all"),
+                          ({"modules_to_save": ["lm_head"]}, "lora.modules_to_save: checkpoint None, this run \\['lm_head'\\]")):
         with pytest.raises(CheckpointError, match=f"written for another model or adapter \\({words}"):
             run(tmp_path / "b", LoraConfig(**{**base, **change}), resume=str(tmp_path / "a" / "checkpoint-1"), steps=2)
 

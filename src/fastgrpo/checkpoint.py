@@ -64,15 +64,28 @@ def model_signature(model: torch.nn.Module) -> dict:
            "peft": hasattr(model, "peft_config")}
     peft_cfg = getattr(model, "peft_config", {}).get("default") if sig["peft"] else None
     if peft_cfg is not None:
-        targets = getattr(peft_cfg, "target_modules", None)
+        names = lambda v: sorted(v) if isinstance(v, (set, list, tuple)) else v  # noqa: E731
+        # each changes what the adapter computes or which weights it holds: resuming across a change would load
+        # silently into another function (rslora's scaling) or fail half-way through the optimizer state
         sig["lora"] = {"r": getattr(peft_cfg, "r", None), "lora_alpha": getattr(peft_cfg, "lora_alpha", None),
-                       "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+                       "target_modules": names(getattr(peft_cfg, "target_modules", None)),
+                       "use_rslora": bool(getattr(peft_cfg, "use_rslora", False)),
+                       "use_dora": bool(getattr(peft_cfg, "use_dora", False)),
+                       "bias": getattr(peft_cfg, "bias", "none"),
+                       "modules_to_save": names(getattr(peft_cfg, "modules_to_save", None))}
     return sig
 
 
 def _differs(saved: dict, current: dict) -> dict:
-    """Signature entries that differ, over the keys both have (checkpoints of earlier versions lack 'lora')."""
-    return {k: (saved[k], current[k]) for k in saved.keys() & current.keys() if saved[k] != current[k]}
+    """Signature entries that differ, over the keys both have (checkpoints of earlier versions lack 'lora', or some
+    of its entries)."""
+    out = {}
+    for k in saved.keys() & current.keys():
+        if isinstance(saved[k], dict) and isinstance(current[k], dict):
+            out.update({f"{k}.{n}": d for n, d in _differs(saved[k], current[k]).items()})
+        elif saved[k] != current[k]:
+            out[k] = (saved[k], current[k])
+    return out
 
 
 def rng_state() -> dict:
