@@ -247,3 +247,16 @@ def test_log_completions_writes_the_rounds_completions(tmp_path):
         assert r["prompt"] in [d["prompt"] for d in DATA]
         assert r["rewards"] == {"reward_len": float(len(r["completion"]))} and r["reward"] == r["rewards"]["reward_len"]
         assert isinstance(r["advantage"], float)
+
+
+def test_a_round_whose_completions_are_all_masked_is_warned_of(tmp_path):
+    import json
+
+    tok = build_char_tokenizer()
+    trainer = GRPOTrainer(model=build_tiny_qwen2(tok, hidden_size=32, intermediate_size=64), reward_funcs=reward_len,
+                          args=_args(tmp_path, mask_truncated_completions=True, max_completion_length=1),
+                          train_dataset=DATA, processing_class=tok)
+    with pytest.warns(UserWarning, match="mask_truncated_completions=True masks them all: that round trains nothing"):
+        trainer.train()
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["completions/clipped_ratio"] == 1.0  # the premise: every completion reached the 1-token limit

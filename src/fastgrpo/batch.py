@@ -10,6 +10,7 @@ logprobs are exact. The importance-sampling correction uses the generator's logp
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,10 @@ def build_rollout(prompts: list[Prompt], gen: Generation, tokenizer, reward_func
     truncated = torch.tensor([r == "length" for r in gen.finish_reasons])
     lengths = torch.tensor([len(c) for c in gen.completion_ids], dtype=torch.float64)
     loss_lengths = lengths * (~truncated).double() if config.mask_truncated_completions else lengths
+    if config.mask_truncated_completions and len(truncated) and bool(truncated.all()):
+        warnings.warn("every completion of a round reached max_completion_length, and mask_truncated_completions=True "
+                      "masks them all: that round trains nothing (loss and gradients 0). Fix: raise "
+                      "max_completion_length, or set mask_truncated_completions=False.", stacklevel=2)
     _, group_std = adv_fns.group_advantages(rewards, G, "none")  # the group std alone (the metric)
     # Every column is exact in float64 (token counts, 0/1, float32 values), so each is recovered bit for bit.
     mine = torch.cat([torch.stack([lengths, truncated.double(), loss_lengths, rewards.double(), group_std.double()], 1),
