@@ -170,7 +170,7 @@ class GRPOConfig(trl_compat.TRLSettings, trl_compat.TrainingArgumentsAPI):
 
     # --- checkpoints and hub ---
     save_strategy: str = _f("steps", "When to write checkpoints.", STRATEGIES)
-    save_steps: float = _f(500, "Checkpoint every this many optimizer steps (save_strategy='steps').")
+    save_steps: float = _f(500, "Checkpoint every this many optimizer steps (save_strategy='steps'), at the end of the generation round that reaches the step: with several optimizer steps per round (steps_per_generation, num_iterations), checkpoints fall on round boundaries, where resuming is exact.")
     save_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest deleted first).")
     save_only_model: bool = _f(False, "Leave optimizer, scheduler and RNG state out of scheduled checkpoints: they hold weights only and cannot resume a run. The checkpoint written when a run stops (SIGINT/SIGTERM, non-finite updates, a failed reward or server) keeps them, so that it can.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint to resume from; True takes the newest in output_dir.")
