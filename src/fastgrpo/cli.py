@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -346,74 +345,13 @@ def _add_system_prompt(ds, column: str, system: str):
     return ds.map(prepend)
 
 
-def _import_reward(spec: str, config_dir: str | None) -> Callable:
-    """`module:function` or `path/to/file.py:function`, found as `python script.py` users expect: in the current
-    folder, then in the config file's folder (a module name: after the installed packages)."""
-    target, _, attr = spec.rpartition(":")
-    folders = list(dict.fromkeys([os.getcwd()] + ([config_dir] if config_dir else [])))
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        candidates = [target] if os.path.isabs(target) else [os.path.join(d, target) for d in folders]
-        file = next((os.path.abspath(c) for c in candidates if os.path.isfile(c)), None)
-        if file is None:
-            raise ConfigError(f"rewards: {spec!r}: no file {target!r} (looked in {', '.join(folders)}). Fix: give the "
-                              "file's path, absolute or relative to the current folder or the config file's folder.")
-        where = file
-        module = _module_from_file(file, spec)
-    else:
-        for d in folders:
-            if d not in sys.path:
-                # last, unlike `python script.py`: a file in the data folder must not shadow an installed package
-                sys.path.append(d)
-        importlib.invalidate_caches()  # a module written since the last import from that folder is seen
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            if e.name and target.split(".")[0] != e.name.split(".")[0]:  # the module's own import failed
-                raise ConfigError(f"rewards: {spec!r}: importing {target} failed: {e}. Fix: install {e.name!r} "
-                                  "in this environment.") from e
-            raise ConfigError(f"rewards: {spec!r}: no module {target!r} in {', '.join(folders)} or on sys.path. Fix: "
-                              f"put the folder that holds {target.replace('.', '/')}.py on PYTHONPATH (PYTHONPATH=DIR "
-                              f"fastgrpo train ...), or give the file's path: path/to/{target.split('.')[-1]}.py:"
-                              f"{attr}.") from e
-        except Exception as e:
-            raise ConfigError(f"rewards: {spec!r}: importing {target} failed ({type(e).__name__}: {e}).") from e
-        where = getattr(module, "__file__", None) or target  # the file found, in case another of that name was meant
-    fn = getattr(module, attr, None)
-    if fn is None:
-        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        hint = closest_name(attr, names)
-        raise ConfigError(f"rewards: {spec!r}: {where} has no {attr!r}." + (f" Did you mean '{hint}'?" if hint else
-                          f" Its functions: {', '.join(names) or 'none'}."))
-    if not callable(fn):
-        raise ConfigError(f"rewards: {spec!r}: {attr} is a {type(fn).__name__}, not a function.")
-    return fn
-
-
-def _module_from_file(file: str, spec: str):
-    name = os.path.splitext(os.path.basename(file))[0]
-    loaded = sys.modules.get(name)
-    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == file:
-        return loaded
-    mod_spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
-    folder = os.path.dirname(file)
-    if folder not in sys.path:
-        sys.path.append(folder)  # the file's own imports of its neighbours work, as under `python file.py`
-    try:
-        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as e:
-        raise ConfigError(f"rewards: {spec!r}: running {file} failed ({type(e).__name__}: {e}).") from e
-    if name not in sys.modules:  # registered (pickling finds its functions) unless that would shadow a module
-        sys.modules[name] = module
-    return module
-
-
 def resolve_rewards(rewards: list, config_dir: str | None = None) -> list:
     """The run config's rewards with `module:function` and `file.py:function` imported; built-in names and
     reward-model folders are left to the trainer."""
-    from .rewards import BUILTINS
+    from .rewards import BUILTINS, import_reward
 
-    return [_import_reward(r, config_dir) if isinstance(r, str) and ":" in r and r not in BUILTINS
+    folders = list(dict.fromkeys([os.getcwd()] + ([config_dir] if config_dir else [])))
+    return [import_reward(r, folders) if isinstance(r, str) and ":" in r and r not in BUILTINS
             and not os.path.exists(r) else r for r in rewards]
 
 

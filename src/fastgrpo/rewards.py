@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import difflib
 import functools
 import inspect
 import logging
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -241,6 +243,72 @@ def check_columns(funcs: list[RewardFunction], rows: list[dict] | None, what: st
                                   "those rows.")
 
 
+def import_reward(spec: str, folders: list[str]) -> Callable:
+    """`module:function` or `path/to/file.py:function`, found as `python script.py` users expect: in `folders` (the
+    current folder; for the CLI also the config file's), a module name after the installed packages."""
+    import importlib
+
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        candidates = [target] if os.path.isabs(target) else [os.path.join(d, target) for d in folders]
+        file = next((os.path.abspath(c) for c in candidates if os.path.isfile(c)), None)
+        if file is None:
+            raise RewardError(f"reward {spec!r}: no file {target!r} (looked in {', '.join(folders)}). Fix: give the "
+                              "file's path, absolute or relative to one of those folders.")
+        where = file
+        module = _module_from_file(file, spec)
+    else:
+        for d in folders:
+            if d not in sys.path:
+                # last, unlike `python script.py`: a file in the data folder must not shadow an installed package
+                sys.path.append(d)
+        importlib.invalidate_caches()  # a module written since the last import from that folder is seen
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name and target.split(".")[0] != e.name.split(".")[0]:  # the module's own import failed
+                raise RewardError(f"reward {spec!r}: importing {target} failed: {e}. Fix: install {e.name!r} "
+                                  "in this environment.") from e
+            raise RewardError(f"reward {spec!r}: no module {target!r} in {', '.join(folders)} or on sys.path. Fix: "
+                              f"put the folder that holds {target.replace('.', '/')}.py on PYTHONPATH (PYTHONPATH=DIR "
+                              f"python ... / fastgrpo train ...), or give the file's path: path/to/{target.split('.')[-1]}.py:"
+                              f"{attr}.") from e
+        except Exception as e:
+            raise RewardError(f"reward {spec!r}: importing {target} failed ({type(e).__name__}: {e}).") from e
+        where = getattr(module, "__file__", None) or target  # the file found, in case another of that name was meant
+    fn = getattr(module, attr, None)
+    if fn is None:
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        hint = difflib.get_close_matches(attr, names, n=1)
+        hint = hint[0] if hint else None
+        raise RewardError(f"reward {spec!r}: {where} has no {attr!r}." + (f" Did you mean '{hint}'?" if hint else
+                          f" Its functions: {', '.join(names) or 'none'}."))
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {attr} is a {type(fn).__name__}, not a function.")
+    return fn
+
+
+def _module_from_file(file: str, spec: str):
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(file))[0]
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == file:
+        return loaded
+    mod_spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.append(folder)  # the file's own imports of its neighbours work, as under `python file.py`
+    try:
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        raise RewardError(f"reward {spec!r}: running {file} failed ({type(e).__name__}: {e}).") from e
+    if name not in sys.modules:  # registered (pickling finds its functions) unless that would shadow a module
+        sys.modules[name] = module
+    return module
+
+
 def resolve_reward(spec: Any, device: str | torch.device = "cpu", tokenizer=None) -> RewardFunction:
     """A callable, a built-in name, `module:function`, a reward-model path, or a loaded sequence-classification
     model (`tokenizer`: its reward_processing_class)."""
@@ -255,24 +323,13 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu", tokenizer=None
         if spec in BUILTINS:
             return resolve_reward(BUILTINS[spec])
         if ":" in spec and not os.path.exists(spec):
-            import importlib
-
-            mod, _, attr = spec.partition(":")
-            try:
-                fn = getattr(importlib.import_module(mod), attr)
-            except (ImportError, AttributeError) as e:
-                raise RewardError(f"reward '{spec}': cannot import {attr} from {mod} ({e}).") from e
-            if not callable(fn):
-                raise RewardError(f"reward '{spec}': {attr} is a {type(fn).__name__}, not a function.")
-            return resolve_reward(fn)
+            return resolve_reward(import_reward(spec, [os.getcwd()]))
         if os.path.isdir(spec):
             try:
                 return resolve_reward(RewardModel(spec, device))
             except (OSError, ValueError) as e:
                 raise RewardError(f"reward '{spec}': the folder does not hold a sequence-classification model and "
                                   f"its tokenizer ({type(e).__name__}: {str(e)[:200]}).") from e
-        import difflib
-
         hint = difflib.get_close_matches(spec, sorted(BUILTINS), n=1)
         raise RewardError(f"reward '{spec}' is not a built-in ({', '.join(sorted(set(BUILTINS)))}), "
                           "a module:function, nor an existing reward-model folder (hub ids are not downloaded: "
