@@ -382,7 +382,7 @@ def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
 
-    from .loading import TOKENIZER_FILES, check_model_path, load_model, load_tokenizer
+    from .loading import TOKENIZER_FILES, check_model_path, load_model, load_tokenizer, resolve_bf16
 
     def error(what: str, e: Exception | None, fix: str) -> ConfigError:
         cause = f" ({type(e).__name__}: {' '.join(str(e).split())[:300]})" if e is not None else ""
@@ -400,7 +400,7 @@ def load_adapter_checkpoint(checkpoint: str, config: GRPOConfig, base_model: str
                     damaged) from None
     trained_on = f" (its adapter_config.json records {recorded!r})" if recorded and recorded != base_model else ""
     set_model = f"set model: in the config (or --model) to the base model the adapter was trained from{trained_on}"
-    bf16 = config.bf16 if config.bf16 is not None else (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16 = resolve_bf16(config.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         check_model_path(base_model)
         base = load_model(base_model, config, bf16)

@@ -184,12 +184,12 @@ def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_
     for row in rows:
         for c in dropped:
             row.pop(c, None)
-    serialized: list[int] = []
+    serialized: list[tuple[int, str]] = []  # (row, 'json' or 'python')
     not_user: list[int] = []
     for i, row in enumerate(rows):
         p = row.get(prompt_column)
-        if isinstance(p, str) and _parse_serialized_messages(p) is not None:
-            serialized.append(i)
+        if isinstance(p, str) and (found := _parse_serialized_messages(p)) is not None:
+            serialized.append((i, found[0]))
         if is_conversational(p):
             _check_messages(p, i, what)
             if p[-1]["role"] not in GENERATION_ROLES:
@@ -215,15 +215,14 @@ def validate_dataset(dataset, prompt_column: str = "prompt", what: str = "train_
     return rows
 
 
-def _warn_serialized(rows: list[dict], found: list[int], column: str, what: str) -> None:
+def _warn_serialized(rows: list[dict], found: list[tuple[int, str]], column: str, what: str) -> None:
     """One warning per dataset, not a conversion: a string that happens to look like messages may be meant as text."""
-    first = rows[found[0]][column]
-    kind, _ = _parse_serialized_messages(first)
+    (row, kind), first = found[0], rows[found[0][0]][column]
     parse = "json.loads" if kind == "json" else "ast.literal_eval"
     log.warning("%s column %r: %d of %d prompts (first: row %d, %.60r) are chat messages written as a %s string, as a "
                 "CSV round trip leaves a list column; they are used as plain text, without the chat template. "
                 "Fix: parse the column, e.g. dataset = dataset.map(lambda x: {%r: %s(x[%r])}) (import %s), or %s "
-                "it before building the dataset.", what, column, len(found), len(rows), found[0], first,
+                "it before building the dataset.", what, column, len(found), len(rows), row, first,
                 "JSON" if kind == "json" else "Python-repr", column, parse, column, parse.split(".")[0], parse)
 
 

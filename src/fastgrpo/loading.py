@@ -75,6 +75,11 @@ def check_policy(model) -> None:
                           "init_empty_weights or device_map='meta'). Fix: load the weights (from_pretrained) first.")
 
 
+def resolve_bf16(bf16: bool | None, device: torch.device) -> bool:
+    """GRPOConfig.bf16, with None (the default) meaning: on where the device is a GPU that supports it."""
+    return bf16 if bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def load_model(model: Any, args: GRPOConfig, bf16: bool):
     if not isinstance(model, str):
         if not isinstance(model, torch.nn.Module):

@@ -116,7 +116,7 @@ def _prepare(run: Run, prompts, gen: Generation, timer: Timer) -> B.Rollout:
     with timer("reward_time"):
         r = B.build_rollout(prompts, gen, run.tokenizer, run.reward_funcs, run.reward_weights, cfg, plan, run.dist,
                             run.state, timer)
-    if cfg.log_completions and run.state.global_step % max(1, int(cfg.logging_steps)) == 0:
+    if cfg.log_completions and run.dist.is_main and run.state.global_step % max(1, int(cfg.logging_steps)) == 0:
         run.sink.write_completions(run.state.global_step + 1, _completion_rows(run, r))
     all_idx = list(range(len(r)))
     lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]  # row widths

@@ -25,12 +25,13 @@ class MetricsSink:
                  show_progress: bool = True, is_main: bool = True) -> None:
         self.is_main = is_main
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(output_dir, "completions.jsonl")  # log_completions
         self.trackio = None
         self.bar = None
         if not is_main:
             return
         os.makedirs(output_dir, exist_ok=True)
-        for path in (self.path, os.path.join(output_dir, "completions.jsonl")):  # log_completions' file likewise
+        for path in (self.path, self.completions_path):
             _truncate_after(path, start_step)
         if "trackio" in reporters:
             self.trackio = _start_trackio(project, run_name or os.path.basename(os.path.abspath(output_dir)),
@@ -65,8 +66,7 @@ class MetricsSink:
         output_dir/completions.jsonl, appended like metrics.jsonl."""
         if not self.is_main or not rows:
             return
-        path = os.path.join(os.path.dirname(self.path), "completions.jsonl")
-        with open(path, "a") as f:
+        with open(self.completions_path, "a") as f:
             f.writelines(json.dumps({"step": step, **_clean(r)}, default=str) + "\n" for r in rows)
 
     def advance(self, n: int = 1) -> None:
@@ -103,11 +103,11 @@ def _truncate_after(path: str, step: int) -> None:
         if os.path.getsize(path) > 0:
             root, ext = os.path.splitext(path)
             k = 1
-            while os.path.exists(f"{root}.{k}{ext}"):
+            while os.path.exists(kept := f"{root}.{k}{ext}"):
                 k += 1
-            os.replace(path, f"{root}.{k}{ext}")
+            os.replace(path, kept)
             log.warning("%s held an earlier run's metrics: kept as %s; this run writes a new %s.", path,
-                        os.path.basename(f"{root}.{k}{ext}"), os.path.basename(path))
+                        os.path.basename(kept), os.path.basename(path))
         return
     with open(path) as f:
         keep = []

@@ -27,7 +27,7 @@ from .config_mappings import LIGER_LOSSES
 from .data import DataError, PromptStream, prepare_prompts, rounds_for_epochs, validate_dataset
 from .distributed import barrier, init_distributed, shard_model, use_fsdp
 from .loading import (check_model_path, check_policy, check_vocabulary, eos_ids, gather_dispatched, is_model_file,
-                      load_model, load_tokenizer)
+                      load_model, load_tokenizer, resolve_bf16)
 from .loop import Run, TrainingStopped, train_loop
 from .loss import LossParams
 from .metrics import MetricsSink
@@ -110,7 +110,7 @@ class GRPOTrainer(ScriptAPI):
             torch.set_num_threads(args.torch_threads)
         torch.manual_seed(args.seed)
         self.device = torch.device(f"cuda:{self.dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        self.bf16 = args.bf16 if args.bf16 is not None else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.bf16 = resolve_bf16(args.bf16, self.device)
 
         funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
