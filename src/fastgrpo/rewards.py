@@ -202,11 +202,10 @@ def check_signature(func: RewardFunction, columns: list[str]) -> None:
             raise RewardError(f"reward function '{func.name}' takes no **kwargs, but every call passes "
                               f"{', '.join(sorted(passed - named))}. Fix: def {func.name}(prompts, completions, "
                               "**kwargs).")
-    for p in params:
-        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        if required and p.name not in passed:
-            raise RewardError(f"reward function '{func.name}' needs an argument '{p.name}', which no call passes: "
-                              f"dataset columns are {columns}. Fix: add a '{p.name}' column to the dataset, or give "
+    for name in _required_columns(func):
+        if name not in columns:
+            raise RewardError(f"reward function '{func.name}' needs an argument '{name}', which no call passes: "
+                              f"dataset columns are {columns}. Fix: add a '{name}' column to the dataset, or give "
                               "the argument a default.")
 
 
